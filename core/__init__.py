@@ -1,0 +1,1 @@
+"""lalm-probe core: engine, plugin interfaces, registry, store and CLI."""

@@ -1,0 +1,202 @@
+"""Stimuli and datasets: what a run feeds the model.
+
+An item carries audio (a file or an array with its rate) and/or text, an id, labels and an optional
+prompt. Parallel items (one sentence in several languages or modalities) share ``labels["semantic_id"]``.
+Audio is decoded lazily so a dataset of thousands of files costs nothing until it is batched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from .errors import UserError
+
+
+@dataclass
+class Stimulus:
+    """One input item. ``audio`` is a path or a 1-D/2-D array (then ``sample_rate`` is required)."""
+
+    id: str
+    audio: str | Path | np.ndarray | None = None
+    sample_rate: int | None = None
+    text: str | None = None
+    labels: dict[str, Any] = field(default_factory=dict)
+    prompt: str | None = None
+
+    @property
+    def has_audio(self) -> bool:
+        return self.audio is not None
+
+    def fingerprint(self) -> str:
+        """A content hash so a store can tell whether it was collected from the same data."""
+        h = hashlib.sha256()
+        h.update(json.dumps([self.id, self.text, self.prompt, self.labels], sort_keys=True, default=str).encode())
+        if isinstance(self.audio, np.ndarray):
+            h.update(np.ascontiguousarray(self.audio, dtype=np.float32).tobytes())
+            h.update(str(self.sample_rate).encode())
+        elif self.audio is not None:
+            p = Path(self.audio)
+            h.update(str(p).encode())
+            if p.exists():
+                st = p.stat()
+                h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+        return h.hexdigest()
+
+
+@dataclass
+class Dataset:
+    """An ordered list of stimuli with a name; ids are unique."""
+
+    items: list[Stimulus]
+    name: str = "dataset"
+
+    def __post_init__(self) -> None:
+        seen: set[str] = set()
+        for it in self.items:
+            if it.id in seen:
+                raise UserError(f"Dataset '{self.name}' has the id '{it.id}' more than once; ids must be unique.")
+            seen.add(it.id)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self) -> Iterator[Stimulus]:
+        return iter(self.items)
+
+    def __getitem__(self, i: int) -> Stimulus:
+        return self.items[i]
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for it in self.items:
+            h.update(it.fingerprint().encode())
+        return h.hexdigest()[:16]
+
+    def label_values(self, key: str) -> list[Any]:
+        """Labels of every item under ``key``; a clear error names the first item that lacks it."""
+        out = []
+        for it in self.items:
+            if key not in it.labels:
+                have = ", ".join(sorted(it.labels)) or "none"
+                raise UserError(f"Item '{it.id}' has no label '{key}' (its labels: {have}).")
+            out.append(it.labels[key])
+        return out
+
+    def subset(self, indices: Sequence[int], name: str | None = None) -> "Dataset":
+        return Dataset([self.items[i] for i in indices], name=name or self.name)
+
+
+def load_audio(item: Stimulus, target_rate: int) -> np.ndarray:
+    """Decode, mix down to mono and resample to the rate the model's feature extractor wants."""
+    import librosa
+
+    if isinstance(item.audio, np.ndarray):
+        if not item.sample_rate or item.sample_rate <= 0:
+            raise UserError(f"Item '{item.id}': audio given as an array needs a positive sample_rate.")
+        wav = np.asarray(item.audio, dtype=np.float32)
+        if wav.ndim == 2:  # (channels, samples) as librosa returns it
+            wav = wav.mean(axis=0) if wav.shape[0] < wav.shape[1] else wav.mean(axis=1)
+        if wav.ndim != 1:
+            raise UserError(f"Item '{item.id}': audio array must be 1-D or 2-D, got shape {wav.shape}.")
+        if item.sample_rate != target_rate:
+            wav = librosa.resample(wav, orig_sr=item.sample_rate, target_sr=target_rate)
+    else:
+        path = Path(str(item.audio))
+        if not path.is_file():
+            raise UserError(f"Item '{item.id}': audio file not found: {path}")
+        try:
+            wav, _ = librosa.load(str(path), sr=target_rate, mono=True)
+        except Exception as exc:  # librosa/soundfile/audioread raise many types for bad files
+            raise UserError(f"Item '{item.id}': cannot decode audio file {path} ({type(exc).__name__}: {exc}).") from None
+    if wav.size == 0:
+        raise UserError(f"Item '{item.id}': audio is empty ({item.audio if not isinstance(item.audio, np.ndarray) else 'array'}).")
+    if not np.all(np.isfinite(wav)):
+        raise UserError(f"Item '{item.id}': audio contains NaN or infinite samples.")
+    return wav.astype(np.float32, copy=False)
+
+
+MANIFEST_KEYS = {"id", "audio", "text", "labels", "prompt", "sample_rate"}
+
+
+def load_manifest(path: str | Path) -> Dataset:
+    """Read a JSONL manifest: one object per line with id, audio, text, labels, prompt (all but id optional)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Dataset manifest not found: {path}")
+    items = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}, line {n}: not valid JSON ({exc.msg}).") from None
+        if not isinstance(obj, dict) or "id" not in obj:
+            raise UserError(f"{path}, line {n}: each line must be an object with at least an 'id'.")
+        extra = set(obj) - MANIFEST_KEYS
+        if extra:
+            raise UserError(f"{path}, line {n}: unknown keys {sorted(extra)}; allowed: {sorted(MANIFEST_KEYS)}.")
+        labels = obj.get("labels") or {}
+        if not isinstance(labels, dict):
+            raise UserError(f"{path}, line {n}: 'labels' must be an object.")
+        audio = obj.get("audio")
+        if audio is not None:
+            audio = Path(audio) if Path(audio).is_absolute() else (path.parent / audio)
+        if audio is None and obj.get("text") is None:
+            raise UserError(f"{path}, line {n}: item '{obj['id']}' has neither audio nor text.")
+        items.append(Stimulus(id=str(obj["id"]), audio=audio, text=obj.get("text"), labels=labels,
+                              prompt=obj.get("prompt")))
+    if not items:
+        raise UserError(f"Dataset manifest {path} has no items.")
+    return Dataset(items, name=path.stem)
+
+
+def write_manifest(dataset: Dataset, path: str | Path) -> Path:
+    """Write items whose audio are files as a JSONL manifest (audio paths relative to it when possible)."""
+    path = Path(path)
+    lines = []
+    for it in dataset:
+        obj: dict[str, Any] = {"id": it.id}
+        if it.audio is not None:
+            if isinstance(it.audio, np.ndarray):
+                raise UserError(f"Item '{it.id}' holds audio in memory; write it to a file before writing a manifest.")
+            a = Path(it.audio)
+            try:
+                obj["audio"] = str(a.resolve().relative_to(path.parent.resolve()))
+            except ValueError:
+                obj["audio"] = str(a.resolve())
+        for key in ("text", "prompt"):
+            if getattr(it, key) is not None:
+                obj[key] = getattr(it, key)
+        if it.labels:
+            obj["labels"] = it.labels
+        lines.append(json.dumps(obj, ensure_ascii=False))
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+# Named dataset sources ("synth:parallel", "fleurs:/path") come from plugins through this table.
+DatasetSource = Callable[[str], Dataset]
+
+
+def resolve_dataset(spec: str | Path, sources: dict[str, DatasetSource] | None = None) -> Dataset:
+    """Turn a ``--data`` argument into a dataset: a manifest path, or ``scheme:argument`` for a named source."""
+    spec = str(spec)
+    sources = sources or {}
+    if ":" in spec and not Path(spec).exists():
+        scheme, _, arg = spec.partition(":")
+        if len(scheme) > 1:  # not a Windows drive letter
+            if scheme not in sources:
+                from .errors import unknown_name
+
+                raise unknown_name("dataset source", scheme, sources)
+            return sources[scheme](arg)
+    return load_manifest(spec)

@@ -1,0 +1,111 @@
+"""What an analysis returns and how it is rendered: JSON tables, NPZ arrays, PNG plots, a terminal summary."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class Table:
+    """A titled table of rows (dicts with the same keys); printed with rich and written to results.json."""
+
+    title: str
+    rows: list[dict[str, Any]]
+    show: bool = True  # print in the terminal summary
+
+
+@dataclass
+class Result:
+    """Numbers first: ``summary`` (scalars), ``tables``, ``arrays`` (written to arrays.npz) and ``figures``."""
+
+    summary: dict[str, Any] = field(default_factory=dict)
+    tables: list[Table] = field(default_factory=list)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    figures: dict[str, Any] = field(default_factory=dict)  # name -> matplotlib Figure
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"summary": _clean(self.summary), "tables": [{"title": t.title, "rows": _clean(t.rows)}
+                                                            for t in self.tables], "notes": self.notes}
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe copy: numpy scalars to Python, NaN to None."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _clean(obj.tolist())
+    if isinstance(obj, (np.floating, float)):
+        f = float(obj)
+        return None if math.isnan(f) or math.isinf(f) else f
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    return obj
+
+
+def write_result(result: Result, out: Path) -> list[Path]:
+    """Write results.json, arrays.npz and plots/*.png; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    if result.arrays:
+        np.savez_compressed(out / "arrays.npz", **result.arrays)
+        written.append(out / "arrays.npz")
+    if result.figures:
+        (out / "plots").mkdir(exist_ok=True)
+        for name, fig in result.figures.items():
+            path = out / "plots" / f"{name}.png"
+            fig.savefig(path, dpi=120, bbox_inches="tight")
+            plt.close(fig)
+            written.append(path)
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(result.to_json(), indent=2, ensure_ascii=False), encoding="utf-8")
+    tmp.replace(out / "results.json")
+    written.append(out / "results.json")
+    return written
+
+
+def render(result: Result, console: Any, title: str) -> None:
+    """Print the summary and the tables marked ``show`` with rich."""
+    from rich.table import Table as RichTable
+
+    if result.summary:
+        t = RichTable(title=title, show_header=False)
+        for k, v in result.summary.items():
+            t.add_row(str(k), _fmt(v))
+        console.print(t)
+    for table in result.tables:
+        if not table.show or not table.rows:
+            continue
+        t = RichTable(title=table.title)
+        cols = list(table.rows[0])
+        for c in cols:
+            t.add_column(str(c))
+        for row in table.rows[:40]:
+            t.add_row(*(_fmt(row.get(c)) for c in cols))
+        if len(table.rows) > 40:
+            t.caption = f"{len(table.rows) - 40} more rows in results.json"
+        console.print(t)
+    for note in result.notes:
+        console.print(f"[dim]{note}[/dim]")
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, (float, np.floating)):
+        return "nan" if math.isnan(v) else f"{v:.4g}"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_fmt(x) for x in v[:8]) + (" …" if len(v) > 8 else "")
+    return str(v)

@@ -1,0 +1,51 @@
+"""Tiny, seeded, randomly initialised instances of real architectures for smoke tests and plugin authors.
+
+A model plugin supplies a builder that saves a tiny model and its offline processor to a directory; this module
+caches the result so the plugin then loads it through its ordinary ``from_pretrained`` path.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+TINY_VERSION = "1"  # bump when a builder changes, so stale caches are not reused
+
+
+def cache_dir() -> Path:
+    """Where converted and generated assets live (``LALM_PROBE_CACHE`` or ``~/.cache/lalm_probe``)."""
+    return Path(os.environ.get("LALM_PROBE_CACHE", Path.home() / ".cache" / "lalm_probe"))
+
+
+def tiny_checkpoint(name: str, build: Callable[[Path], None]) -> Path:
+    """Build once into the cache (atomically: a half-built folder is never picked up) and return its path."""
+    target = cache_dir() / "tiny" / f"{name}-v{TINY_VERSION}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        build(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def byte_level_tokenizer(cls: Any, specials: Sequence[str], pad: str = "<|endoftext|>") -> Any:
+    """A byte-level BPE tokenizer with no merges: one token per byte, never unknown, needs no files."""
+    from tokenizers import pre_tokenizers
+
+    vocab = {pad: 0}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab.setdefault(ch, len(vocab))
+    tok = cls(vocab=vocab, merges=[], unk_token=pad, eos_token=pad, pad_token=pad)
+    tok.add_special_tokens({"additional_special_tokens": list(specials)})
+    return tok

@@ -1,0 +1,144 @@
+"""The one module that talks to nnsight.
+
+Everything else describes *what* to read or change as a list of :class:`Op`; this module runs the ops inside a
+single nnsight trace per batch, in the model's execution order (nnsight refuses out-of-order access), and hands
+back plain tensors. Keeping nnsight behind this small surface means an nnsight API change touches one file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from nnsight import NNsight
+
+from .model import get_module
+
+Reader = Callable[[torch.Tensor, dict], torch.Tensor]
+Editor = Callable[[torch.Tensor, dict], torch.Tensor]
+InputEditor = Callable[[tuple, dict, dict], tuple[tuple, dict]]
+
+
+@dataclass
+class Op:
+    """One read or edit of one module, run when the forward pass reaches it.
+
+    ``kind``: ``read`` saves ``fn(output, state)`` under ``key``; ``edit`` replaces the output by
+    ``fn(output, state)``; ``edit_input`` replaces ``(args, kwargs)`` by ``fn(args, kwargs, state)``.
+    ``state`` is shared by all ops of a trace (edits can use earlier reads) and holds ``step`` during generation.
+    ``steps``: decode steps the op runs at during generation (None: every step); step 0 is the prompt pass.
+    """
+
+    module: str
+    kind: str
+    fn: Callable
+    key: str | None = None
+    steps: Sequence[int] | None = None
+    order: int = 0
+
+
+def _first(output: Any) -> torch.Tensor:
+    """Attention and some layers return tuples; the hidden states are the first element."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _replace_first(output: Any, new: torch.Tensor) -> Any:
+    return (new, *output[1:]) if isinstance(output, tuple) else new
+
+
+class Tracer:
+    """Wraps a loaded torch model with nnsight and runs op lists against it."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.envoy = NNsight(model)
+        self._envoys: dict[str, Any] = {}
+
+    def _env(self, path: str) -> Any:
+        if path not in self._envoys:
+            env = self.envoy
+            for part in path.split("."):
+                env = env[int(part)] if part.isdigit() else getattr(env, part)
+            self._envoys[path] = env
+        return self._envoys[path]
+
+    def execution_order(self, inputs: dict[str, Any], paths: Sequence[str]) -> dict[str, tuple[int, int]]:
+        """When each module first starts and first finishes, recorded with plain torch hooks on one forward.
+
+        nnsight hands out a module's input when it starts and its output when it finishes, and refuses to go
+        back, so input edits are ordered by start and output reads/edits by finish.
+        """
+        events: dict[tuple[str, str], int] = {}
+
+        def mark(path: str, what: str) -> Callable:
+            def hook(*_: Any) -> None:
+                events.setdefault((path, what), len(events))
+            return hook
+
+        handles = []
+        for p in set(paths):
+            mod = get_module(self.model, p)
+            handles += [mod.register_forward_pre_hook(mark(p, "start")), mod.register_forward_hook(mark(p, "end"))]
+        try:
+            with torch.no_grad():
+                self.model(**inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [p for p in paths if (p, "end") not in events]
+        if missing:
+            from .errors import UserError
+
+            raise UserError(f"These modules never ran in a forward pass, so they cannot be read: {missing[:5]}")
+        return {p: (events[(p, "start")], events[(p, "end")]) for p in paths}
+
+    def run(self, inputs: dict[str, Any], ops: Sequence[Op]) -> dict[str, torch.Tensor]:
+        """One forward pass with every op applied at its module; returns ``{key: tensor}`` for the reads."""
+        ops = sorted(ops, key=lambda o: o.order)
+        state: dict[str, Any] = {}
+        with torch.no_grad():
+            with self.envoy.trace(**inputs):
+                for op in ops:
+                    _apply(self._env(op.module), op, state)
+        return {op.key: state[op.key] for op in ops if op.kind == "read"}
+
+    def generate(self, inputs: dict[str, Any], ops: Sequence[Op], max_new_tokens: int,
+                 once_paths: set[str], **gen_kwargs: Any) -> tuple[dict[str, list[torch.Tensor]], Any]:
+        """Run ``generate`` for exactly ``max_new_tokens`` steps, applying step-scoped ops at each step.
+
+        Ops on modules in ``once_paths`` (encoders, which run once per input) are applied at step 0 only;
+        reads are returned per step as lists (one entry per step the op ran at).
+        """
+        ops = sorted(ops, key=lambda o: o.order)
+        reads: dict[str, list[torch.Tensor]] = {op.key: [] for op in ops if op.kind == "read"}
+        result: dict[str, Any] = {}
+        with torch.no_grad():
+            with self.envoy.trace(**inputs, fn=self.model.generate, max_new_tokens=max_new_tokens,
+                                  min_new_tokens=max_new_tokens, **gen_kwargs) as tracer:
+                for step in tracer.iter[0:max_new_tokens]:
+                    state: dict[str, Any] = {"step": step}
+                    for op in ops:
+                        if op.module in once_paths:
+                            if step != 0:
+                                continue
+                        elif op.steps is not None and step not in op.steps:
+                            continue
+                        _apply(self._env(op.module), op, state)
+                        if op.kind == "read":
+                            reads[op.key].append(state[op.key])
+                result["output"] = tracer.result.save()
+        return reads, result["output"]
+
+
+def _apply(env: Any, op: Op, state: dict) -> None:
+    if op.kind == "read":
+        state[op.key] = op.fn(_first(env.output), state)
+    elif op.kind == "edit":
+        out = env.output
+        env.output = _replace_first(out, op.fn(_first(out), state))
+    elif op.kind == "edit_input":
+        args, kwargs = env.inputs
+        env.inputs = op.fn(args, kwargs, state)
+    else:  # pragma: no cover - programming error
+        raise ValueError(f"unknown op kind {op.kind}")
