@@ -58,8 +58,12 @@ class Intervention:
     name: ClassVar[str]
     description: ClassVar[str] = ""
 
-    def prepare(self, session: "Session", dataset: "Dataset") -> None:
-        """Resolve data-dependent parameters (a layer chosen from scores, medians) before the main run."""
+    def prepare(self, session: "Session", dataset: "Dataset", analysis: "Analysis") -> "Dataset":
+        """Resolve data-dependent parameters (a layer chosen from scores, medians) before the main run.
+
+        Returns the dataset to evaluate on: an intervention that learns from a probing split returns the rest.
+        """
+        return dataset
 
     def edits(self, session: "Session") -> list[Edit]:
         raise NotImplementedError
