@@ -200,7 +200,8 @@ def load_pretrained(model_cls: Any, processor_cls: Any, source: str | Path, *, d
     src = str(source)
     is_dir = Path(src).is_dir()
     if not is_dir and (Path(src).exists() or src.startswith((".", "/", "~"))):
-        raise UserError(f"Checkpoint '{src}' is not a directory.")
+        raise UserError(f"Checkpoint directory '{src}' does not exist (or is not a directory); pass a local "
+                        f"model folder, a hub id, or 'tiny'.")
     try:
         processor = processor_cls.from_pretrained(src)
         model = model_cls.from_pretrained(src, **kwargs)

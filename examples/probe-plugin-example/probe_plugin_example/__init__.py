@@ -1,0 +1,74 @@
+"""An example lalm-probe plugin package: a model, an analysis and an intervention, via one entry point."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from lalm_probe.core.model import Stack
+from lalm_probe.core.plugin import Analysis, Edit, Intervention, Requirements
+from lalm_probe.core.registry import hookimpl
+from lalm_probe.core.results import Result, Table
+from lalm_probe.plugins.models.qwen2audio import Qwen2Audio
+
+
+class TinyMeanLM(Qwen2Audio):
+    """Qwen2-Audio's loading and input code, exposing only the language model stack."""
+
+    name = "tiny-mean-lm"
+    description = "Example: the tiny Qwen2-Audio, LM stack only"
+    default_checkpoint = "tiny"
+    stacks = (Stack("lm", layers=("model.language_model.layers",), runs="per_step",
+                    final_norm=("model.language_model.norm",), unembed=("lm_head",)),)
+
+
+@dataclass
+class Norms(Analysis):
+    name: ClassVar[str] = "norms"
+    description: ClassVar[str] = "Example: L2 norm of each layer's output at the last position"
+    stack: str = "lm"
+
+    def requirements(self, session: Any, dataset: Any) -> Requirements:
+        return Requirements(sites=[f"{self.stack}.*.out"], positions=["last"])
+
+    def analyze(self, session: Any, dataset: Any, stores: dict[str, Any]) -> Result:
+        n = session.plugin.resolved[self.stack].num_layers
+        result = Result()
+        for name, store in stores.items():
+            _, arrays = store.load([f"{self.stack}.{i}.out@last" for i in range(n)])
+            norms = np.array([np.linalg.norm(arrays[f"{self.stack}.{i}.out@last"], axis=1).mean() for i in range(n)])
+            result.arrays[f"{name}/norms"] = norms
+            result.summary[f"mean norm ({name})"] = float(norms.mean())
+            result.tables.append(Table(f"Norm per layer ({name})", [{"layer": i, "norm": v} for i, v in enumerate(norms)]))
+        return result
+
+
+@dataclass
+class ShiftLayer(Intervention):
+    name: ClassVar[str] = "shift-layer"
+    description: ClassVar[str] = "Example: add a constant to every unit of one layer's output at every position"
+    layer: int = 0
+    amount: float = 1.0
+    stack: str = "lm"
+
+    def edits(self, session: Any) -> list[Edit]:
+        width = session.plugin.model.config.text_config.hidden_size
+        return [Edit(site=f"{self.stack}.{self.layer}.out", op="add", positions="all",
+                     value=np.full(width, self.amount, dtype=np.float32))]
+
+
+@hookimpl
+def lalm_probe_models() -> list[type]:
+    return [TinyMeanLM]
+
+
+@hookimpl
+def lalm_probe_analyses() -> list[type]:
+    return [Norms]
+
+
+@hookimpl
+def lalm_probe_interventions() -> list[type]:
+    return [ShiftLayer]
