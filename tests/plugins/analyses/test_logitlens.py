@@ -1,0 +1,75 @@
+"""AudioLens math against hand computation, and the prompt formats."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from lalm_probe.core.errors import UserError
+from lalm_probe.plugins.analyses.logitlens import (LogitLens, attribute_prompt, critical_layer, information_scores,
+                                                   label_token_ids)
+
+
+def test_information_score_is_argmax_accuracy_per_layer():
+    # layers x items x labels; targets [0, 1, 1]
+    probs = np.array([[[0.6, 0.4], [0.7, 0.3], [0.2, 0.8]],     # 2 of 3 right
+                      [[0.1, 0.9], [0.4, 0.6], [0.3, 0.7]]])    # 2 of 3 right (item 0 wrong)
+    np.testing.assert_allclose(information_scores(probs, np.array([0, 1, 1])), [2 / 3, 2 / 3])
+    assert np.isnan(information_scores(probs[:, :0], np.array([], dtype=int))).all()
+
+
+def test_critical_layer_matches_equations_3_and_4():
+    scores = np.array([0.5, 0.55, 0.9, 1.0])  # |Y| = 2, alpha = 0.2 -> threshold 0.6
+    s = np.maximum(0, scores - 0.6)
+    expected = (s * np.arange(1, 5)).sum() / s.sum()
+    assert critical_layer(scores, 2, 0.2) == pytest.approx(expected)
+    assert critical_layer(scores, 2, 0.2) == pytest.approx((0.3 * 3 + 0.4 * 4) / 0.7)
+    assert math.isnan(critical_layer(np.array([0.5, 0.55]), 2, 0.2))  # nothing clears the threshold
+
+
+def test_prompt_formats_follow_table_one():
+    p1 = attribute_prompt("gender", "direct", ["male", "female"])
+    assert p1.user is None and p1.assistant_prefix == "The speaker's gender is"
+    p2 = attribute_prompt("language", "qa", [])
+    assert p2.user == "What is the language spoken in the speech?"
+    p3 = attribute_prompt("animal", "mc", ["dog", "cat"])
+    assert p3.user == "What animal makes the sound? Possible options: dog, cat."
+    with pytest.raises(UserError, match="Unknown prompt format"):
+        attribute_prompt("gender", "essay", [])
+
+
+def test_label_tokens_refuse_words_sharing_a_first_token(qwen_session):
+    tok = qwen_session.plugin.tokenizer  # byte-level: the first token is the first byte
+    assert len(set(label_token_ids(tok, ["male", "female"], leading_space=False))) == 2
+    with pytest.raises(UserError, match="share their first token"):
+        label_token_ids(tok, ["fear", "female"], leading_space=False)
+
+
+def test_analysis_scores_equal_hand_computed_lens(qwen_session, tmp_path):
+    """The analysis' label probabilities equal softmax(lm_head(norm(h))) at the label tokens, by hand."""
+    import torch
+
+    from lalm_probe.core.data import Dataset, Stimulus
+    from lalm_probe.core.store import ActivationStore
+
+    from helpers import SR, tone
+
+    ds = Dataset([Stimulus(f"i{k}", audio=tone(100 + 30 * k, 0.4), sample_rate=SR,
+                           labels={"gender": "male" if k % 2 else "female"}) for k in range(6)])
+    lens = LogitLens(attribute="gender", positions=["last"], heatmap_items=0)
+    store = ActivationStore(tmp_path, {"t": 1})
+    req = lens.requirements(qwen_session, ds)
+    qwen_session.collect(ds, req.sites, req.positions, store, prompt_fn=lambda it: lens.prompt(qwen_session, it))
+    result = lens.analyze(qwen_session, ds, {"baseline": store})
+    model = qwen_session.plugin.model
+    _, arrays = store.load(["lm.3.out@last"], order=[it.id for it in ds])
+    ids = label_token_ids(qwen_session.plugin.tokenizer, ["male", "female"], False)
+    with torch.no_grad():
+        p = torch.softmax(model.lm_head(model.model.language_model.norm(torch.tensor(arrays["lm.3.out@last"]))), -1)
+    np.testing.assert_allclose(result.arrays["baseline/last/label_probs"][3], p[:, ids].numpy(), rtol=1e-5)
+    targets = np.array([0 if it.labels["gender"] == "male" else 1 for it in ds])
+    expected = (p[:, ids].numpy().argmax(-1) == targets).mean()
+    assert result.arrays["baseline/last/information_score/all"][3] == pytest.approx(expected)
+    assert result.summary["accuracy (baseline @last)"] == result.arrays["baseline/last/information_score/all"][-1]
