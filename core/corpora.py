@@ -84,9 +84,10 @@ def _text_id(prefix: str, text: str) -> str:
 
 
 def _gender(value: str) -> str | None:
+    """F/M (VCTK), MALE/FEMALE (FLEURS), male_masculine (newer Common Voice) -> male/female/other."""
     v = value.strip().lower()
-    if v.startswith(("female", "f")) and v not in ("",):
-        return "female" if v in ("f", "female") or v.startswith("female") else None
+    if v in ("f", "female") or v.startswith("female"):
+        return "female"
     if v in ("m", "male") or v.startswith("male"):
         return "male"
     return "other" if v == "other" else None
@@ -201,7 +202,10 @@ def load_commonvoice(arg: str) -> Dataset:
         raise _layout_error("Common Voice", root, "<lang>/{validated,train,dev,test}.tsv and <lang>/clips/")
     wanted = _values(opts, "languages")
     if wanted:
+        known = {d.name for d in lang_dirs}
         lang_dirs = [d for d in lang_dirs if d.name in wanted or _short_lang(d.name) in wanted]
+        if not lang_dirs:
+            raise UserError(f"commonvoice: none of {', '.join(wanted)} in {root}; found: {', '.join(sorted(known))}.")
     require = _values(opts, "require", []) or []
     items: list[Stimulus] = []
     seen: set[str] = set()

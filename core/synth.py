@@ -13,6 +13,7 @@ import argparse
 import csv
 import hashlib
 import io
+import itertools
 import json
 import os
 import shutil
@@ -27,15 +28,19 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
-import scipy.signal as ss
 import soundfile as sf
+import soxr
 
 from .conditions import apply_condition, check_condition
 from .data import Dataset, Stimulus, write_manifest
 from .errors import UserError, unknown_name
+from .progress import progress_bar
 
 SAMPLE_RATE = 16000
-PIPELINE_VERSION = "1"  # bump when rendering changes, so cached files are not reused by mistake
+# espeak-ng peaks at full scale for some voices (zh, vi); 6 dB of headroom lets noise and resampling overshoot
+# stay below clipping, so no file needs rescaling and the clean and degraded versions keep one level.
+HEADROOM = 0.5
+PIPELINE_VERSION = "2"  # bump when rendering changes, so cached files are not reused by mistake
 
 # Language (ISO 639-1) -> espeak-ng voice. Mandarin must use cmn-latn-pinyin: the plain cmn/zh voices of
 # espeak-ng 1.51 read the tone digits of their dictionary aloud.
@@ -129,9 +134,8 @@ def _espeak(job: _Job) -> np.ndarray:
     with wave.open(io.BytesIO(proc.stdout)) as w:  # header sizes are bogus on a pipe; wave reads to EOF
         rate = w.getframerate()
         pcm = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
-    x = pcm.astype(np.float32) / 32768.0
-    g = np.gcd(SAMPLE_RATE, rate)
-    return ss.resample_poly(x, SAMPLE_RATE // g, rate // g).astype(np.float32)
+    x = pcm.astype(np.float32) * (HEADROOM / 32768.0)
+    return soxr.resample(x, rate, SAMPLE_RATE, quality="HQ").astype(np.float32)  # deterministic, GIL-free
 
 
 def _render(job: _Job) -> int:
@@ -143,7 +147,7 @@ def _render(job: _Job) -> int:
     for condition, path in todo:
         y = apply_condition(base, SAMPLE_RATE, condition, seed=job.seed).astype(np.float64)
         peak = float(np.max(np.abs(y))) if y.size else 0.0
-        if peak > 0.999:  # only loud low-SNR noise gets here; scaling keeps the SNR
+        if peak > 0.999:  # only very low SNRs get here; scaling keeps the SNR
             y *= 0.999 / peak
         pcm = np.clip(np.round(y * 32767.0), -32768, 32767).astype(np.int16)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -154,6 +158,20 @@ def _render(job: _Job) -> int:
 
 def _key(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode()).hexdigest()
+
+
+def _speech_id(sent: Sentence, voice: str, rate: int, pitch: int, condition: str) -> str:
+    return f"{sent.semantic_id}-{sent.language}-{voice}-r{rate}-p{pitch}-{condition}"
+
+
+def _plan(exe: str, version: str, sent: Sentence, voice: str, rate: int, pitch: int, conditions: Sequence[str],
+          wav_dir: Path) -> _Job:
+    """One espeak-ng call and its output files, each named by a hash of all that shapes its audio."""
+    espeak_voice = f"{ESPEAK_VOICES[sent.language]}+{voice}"
+    base = _key(sent.spoken, espeak_voice, rate, pitch, version, SAMPLE_RATE, PIPELINE_VERSION)
+    outputs = tuple((c, wav_dir / f"{_speech_id(sent, voice, rate, pitch, c)}.{_key(base, c)[:12]}.wav")
+                    for c in conditions)
+    return _Job(exe, sent.spoken, espeak_voice, rate, pitch, int(base[:8], 16), outputs)
 
 
 def synthesize(out_dir: str | Path, languages: Sequence[str], voices: Sequence[str], conditions: Sequence[str],
@@ -198,28 +216,20 @@ def synthesize(out_dir: str | Path, languages: Sequence[str], voices: Sequence[s
     (out_dir / "wav").mkdir(parents=True, exist_ok=True)
     items: list[Stimulus] = []
     jobs: list[_Job] = []
-    for sid in ids:
-        for lang in languages:
-            sent = by_key[(sid, lang)]
-            extra = {"paraphrase_of": sent.paraphrase_of, "structure": sid[-1]} if sent.paraphrase_of else {}
-            for voice in voices:
-                for rate in rates:
-                    for pitch in pitches:
-                        espeak_voice = f"{ESPEAK_VOICES[lang]}+{voice}"
-                        base = _key(sent.spoken, espeak_voice, rate, pitch, version, SAMPLE_RATE, PIPELINE_VERSION)
-                        outputs = []
-                        for cond in conditions:
-                            item_id = f"{sid}-{lang}-{voice}-r{rate}-p{pitch}-{cond}"
-                            path = out_dir / "wav" / f"{item_id}.{_key(base, cond)[:12]}.wav"
-                            outputs.append((cond, path))
-                            labels = {"semantic_id": sid, "language": lang, "modality": "speech", "voice": voice,
-                                      "gender": VOICE_GENDER[voice], "rate": rate, "pitch": pitch,
-                                      "condition": cond, "transcript": sent.text, **extra}
-                            items.append(Stimulus(id=item_id, audio=path, sample_rate=SAMPLE_RATE, labels=labels))
-                        jobs.append(_Job(exe, sent.spoken, espeak_voice, rate, pitch, int(base[:8], 16), tuple(outputs)))
-            if include_text:
-                labels = {"semantic_id": sid, "language": lang, "modality": "text", **extra}
-                items.append(Stimulus(id=f"{sid}-{lang}-text", text=sent.text, labels=labels))
+    for sid, lang in itertools.product(ids, languages):
+        sent = by_key[(sid, lang)]
+        extra = {"paraphrase_of": sent.paraphrase_of, "structure": sid[-1]} if sent.paraphrase_of else {}
+        for voice, rate, pitch in itertools.product(voices, rates, pitches):
+            job = _plan(exe, version, sent, voice, rate, pitch, conditions, out_dir / "wav")
+            jobs.append(job)
+            for cond, path in job.outputs:
+                labels = {"semantic_id": sid, "language": lang, "modality": "speech", "voice": voice,
+                          "gender": VOICE_GENDER[voice], "rate": rate, "pitch": pitch, "condition": cond,
+                          "transcript": sent.text, **extra}
+                items.append(Stimulus(id=_speech_id(sent, voice, rate, pitch, cond), audio=path, labels=labels))
+        if include_text:
+            labels = {"semantic_id": sid, "language": lang, "modality": "text", **extra}
+            items.append(Stimulus(id=f"{sid}-{lang}-text", text=sent.text, labels=labels))
 
     _run_jobs([j for j in jobs if not all(p.exists() for _, p in j.outputs)], workers, progress)
     dataset = Dataset(items, name=out_dir.name)
@@ -232,15 +242,13 @@ def _run_jobs(jobs: list[_Job], workers: int | None, progress: bool) -> None:
     if not jobs:
         return
     workers = max(1, workers or os.cpu_count() or 1)
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    columns = (TextColumn("synthesising"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=Console(stderr=True), disable=not progress, transient=True) as bar, \
-            ThreadPoolExecutor(max_workers=workers) as pool:
-        task = bar.add_task("synth", total=len(jobs))
-        for _ in pool.map(_render, jobs):
-            bar.advance(task)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        if not progress:
+            list(pool.map(_render, jobs))
+            return
+        with progress_bar("synthesising speech", len(jobs)) as advance:
+            for _ in pool.map(_render, jobs):
+                advance(1)
 
 
 # --- named datasets for --data synth:<name> --------------------------------------------------------------
