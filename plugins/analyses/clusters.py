@@ -1,0 +1,323 @@
+"""Cluster structure of per-layer representations ("Demystifying representation alignment…" = seed 000).
+
+Per layer, each item is one vector (the last position by default, as in the paper; or the mean). The paper maps
+the vectors to 2-D with t-SNE, scores clusters with the silhouette *in that 2-D projection*, and reads Euclidean
+distances between chosen items (its Tables 2-3) and between cluster centroids.
+
+Documented choices:
+- t-SNE: ``sklearn.manifold.TSNE`` with its defaults (PCA init, learning_rate="auto", 1000 iterations), a fixed
+  ``random_state`` and ``perplexity = min(30, n − 1)`` (sklearn needs perplexity < n).
+- Silhouette: ``sklearn.metrics.silhouette_score`` (Euclidean). ``space=tsne`` (default) scores the 2-D t-SNE
+  coordinates as the paper does; t-SNE does not preserve distances, so ``space=full`` (the raw activations) or
+  ``space=both`` is the safer reading. A label is skipped, with a note, when it has fewer than two classes or
+  every class has a single member; a label carried by only some items (e.g. ``voice`` on speech items) is
+  scored on those items.
+- Distances: Euclidean, in the full space. Activation norms grow with depth, so raw distances mostly track the
+  norm; ``normalize=true`` L2-normalises each vector before distances and centroids (t-SNE and silhouettes are
+  always computed on the raw vectors). Centroid c_g = mean of the vectors of group g; D[g, h] = ||c_g − c_h||.
+- Layers are the site indices of the stack (0 = output of the first block).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+from scipy.spatial.distance import cdist
+from sklearn.manifold import TSNE
+from sklearn.metrics import silhouette_score
+
+from lalm_probe.core.data import Dataset, Stimulus
+from lalm_probe.core.errors import UserError
+from lalm_probe.core.plugin import Analysis, Requirements
+from lalm_probe.core.registry import hookimpl
+from lalm_probe.core.results import Result, Table
+from lalm_probe.plugins.analyses import reps
+
+DEFAULT_LABELS = ("language", "semantic_id", "modality")
+OPTIONAL_LABELS = ("speaker", "gender", "condition", "voice")
+SPACES = ("tsne", "full", "both")
+# Labels that say which version of a sentence an item is (used to pick comparable items for distance tables).
+VERSION_LABELS = ("language", "voice", "speaker", "gender", "condition", "mic", "structure", "rate", "pitch")
+
+
+# ---- the math --------------------------------------------------------------------------------------------
+def tsne_2d(x: np.ndarray, seed: int = 0) -> np.ndarray:
+    """2-D t-SNE with a fixed seed and perplexity min(30, n − 1), so small item sets still embed."""
+    n = len(x)
+    if n < 3:
+        raise UserError(f"t-SNE needs at least 3 items; got {n}.")
+    return TSNE(n_components=2, perplexity=float(min(30, n - 1)), init="pca", learning_rate="auto",
+                random_state=seed).fit_transform(np.asarray(x, dtype=np.float64))
+
+
+def silhouette_problem(labels: Sequence[Any]) -> str | None:
+    """Why a silhouette score is undefined for these labels, or None when it is defined."""
+    _, counts = np.unique(np.asarray(labels, dtype=str), return_counts=True)
+    if len(counts) < 2:
+        return "fewer than two classes"
+    if counts.max() < 2:
+        return "every class has a single member"
+    return None
+
+
+def silhouette(x: np.ndarray, labels: Sequence[Any]) -> float:
+    """Mean silhouette (Euclidean) of ``labels`` on ``x``; NaN where it is undefined."""
+    if silhouette_problem(labels):
+        return float("nan")
+    return float(silhouette_score(x, np.asarray(labels, dtype=str), metric="euclidean"))
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero), to take norm growth out of distances."""
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norms > 0, norms, 1.0)
+
+
+def pairwise_distances(x: np.ndarray, normalize: bool = False) -> np.ndarray:
+    """Euclidean distances between all rows (the paper's item tables)."""
+    x = l2_normalize(x) if normalize else np.asarray(x, dtype=np.float64)
+    return cdist(x, x)
+
+
+def centroid_distances(x: np.ndarray, groups: Sequence[Any], normalize: bool = False
+                       ) -> tuple[list[str], np.ndarray]:
+    """Group names (sorted) and D[g, h] = ||c_g − c_h|| with c_g the mean vector of group g."""
+    x = l2_normalize(x) if normalize else np.asarray(x, dtype=np.float64)
+    g = np.asarray(groups, dtype=str)
+    names = sorted(set(g.tolist()))
+    cents = np.stack([x[g == name].mean(axis=0) for name in names])
+    return names, cdist(cents, cents)
+
+
+def default_items(items: Sequence[Stimulus], limit: int = 6) -> list[str]:
+    """Items for the distance table: up to 3 versions of the first sentence that has several (other languages,
+    modalities, voices…), plus the same versions of the next sentence — the paper's A1 A2 / B1 B2 layout."""
+    by_sid: dict[str, list[Stimulus]] = {}
+    for it in items:
+        if "semantic_id" in it.labels:
+            by_sid.setdefault(str(it.labels["semantic_id"]), []).append(it)
+    sids = list(by_sid)
+    first = next((s for s in sids if len(by_sid[s]) > 1), None)
+    if first is None:
+        return [it.id for it in items[:limit]]
+    chosen = by_sid[first][: limit // 2]
+    out = [it.id for it in chosen]
+    other = next((s for s in sids if s != first), None)
+    if other is not None:
+        def key(it: Stimulus) -> tuple:
+            return (reps.modality_of(it), *(str(it.labels.get(k)) for k in VERSION_LABELS))
+
+        for it in chosen:
+            match = next((c for c in by_sid[other] if key(c) == key(it) and c.id not in out), None)
+            match = match or next((c for c in by_sid[other] if reps.modality_of(c) == reps.modality_of(it)
+                                   and c.id not in out), None)
+            if match is not None:
+                out.append(match.id)
+    return out[:limit]
+
+
+# ---- the plugin ------------------------------------------------------------------------------------------
+@dataclass
+class Clusters(Analysis):
+    """t-SNE maps, silhouette per label per layer, item and centroid distance tables."""
+
+    name: ClassVar[str] = "clusters"
+    description: ClassVar[str] = "t-SNE, silhouette per label per layer, Euclidean distance tables (seed 000)"
+
+    stack: str | None = None  # default: the lens stack (the LM), else the first stack
+    site: str = "out"  # a per-layer component, or a stack-level extra (e.g. adaptor, projector)
+    position: str = "last"  # last (the paper) or mean
+    labels: list[str] | None = None  # default: language, semantic_id, modality + speaker/gender/condition/voice
+    space: str = "tsne"  # silhouette in the 2-D t-SNE map (paper), the full space, or both
+    plot_layers: list[int] | None = None  # t-SNE scatters and distance tables; default first / middle / last
+    items: list[str] | None = None  # item ids for the distance tables; default: see default_items
+    normalize: bool = False  # L2-normalise vectors before distances and centroids
+    seed: int = 0  # t-SNE random_state
+
+    def __post_init__(self) -> None:
+        if self.space not in SPACES:
+            raise UserError(f"clusters: space must be one of {', '.join(SPACES)}, got '{self.space}'.")
+
+    def _labels(self, dataset: Dataset) -> list[str]:
+        carried = {k for it in dataset for k in it.labels}
+        if self.labels:
+            missing = [k for k in self.labels if k not in carried]
+            if missing:
+                raise UserError(f"clusters: no item has the label(s) {missing}; labels in this dataset: "
+                                f"{', '.join(sorted(carried)) or 'none'}.")
+            return list(self.labels)
+        chosen = [k for k in (*DEFAULT_LABELS, *OPTIONAL_LABELS) if k in carried]
+        if not chosen:
+            known = ", ".join(DEFAULT_LABELS + OPTIONAL_LABELS)
+            raise UserError(f"clusters: the items carry none of the labels {known}; name the labels to score "
+                            "with labels=[...].")
+        return chosen
+
+    def requirements(self, session: Any, dataset: Dataset) -> Requirements:
+        stack = reps.resolve_stack(session, self.stack)
+        reps.layer_sites(session, stack, self.site)
+        chosen = self._labels(dataset)
+        every = [k for k in chosen if all(k in it.labels for it in dataset)]
+        return Requirements(sites=[reps.site_pattern(session, stack, self.site)], positions=[self.position],
+                            labels=every)
+
+    def analyze(self, session: Any, dataset: Dataset, stores: dict[str, Any]) -> Result:
+        stack = reps.resolve_stack(session, self.stack)
+        sites = reps.layer_sites(session, stack, self.site)
+        labels = self._labels(dataset)
+        spaces = ["tsne", "full"] if self.space == "both" else [self.space]
+        shown = reps.spread_layers([layer for layer, _ in sites], self.plot_layers)
+        result = Result(summary={"stack": stack, "site": self.site, "position": self.position,
+                                 "silhouette space": self.space, "distances normalised": self.normalize})
+        for run, store in stores.items():
+            items = reps.stored_items(dataset, store)
+            if len(items) < 3:
+                raise UserError(f"clusters needs at least 3 items; the store holds {len(items)}.")
+            ids = [it.id for it in items]
+            scored = self._scored_labels(items, labels, result, note=run == "baseline")
+            table_ids = self._table_items(items)
+            rows, curves, coords = [], {(k, s): [] for k in scored for s in spaces}, {}
+            dist_rows, cent_rows = [], []
+            for layer, site in sites:
+                x = reps.load_layer(store, site, self.position, ids)
+                row: dict[str, Any] = {"run": run, "layer": layer, "mean_norm": float(np.linalg.norm(x, axis=1).mean())}
+                emb = tsne_2d(x, self.seed) if ("tsne" in spaces or layer in shown) else None
+                if emb is not None:
+                    coords[layer] = emb
+                    result.arrays[f"{run}/tsne/{layer}"] = emb
+                for key, (mask, values) in scored.items():
+                    for space in spaces:
+                        data = (emb if space == "tsne" else x)[mask]
+                        score = silhouette(data, values)
+                        curves[(key, space)].append(score)
+                        row[f"{key} ({space})" if len(spaces) > 1 else key] = score
+                rows.append(row)
+                for key, (mask, values) in scored.items():
+                    names, dist = centroid_distances(x[mask], values, self.normalize)
+                    result.arrays[f"{run}/centroid_distance/{key}/{layer}"] = dist
+                    if layer in shown:
+                        cent_rows += [{"run": run, "layer": layer, "label": key, "group_a": names[i],
+                                       "group_b": names[j], "distance": dist[i, j]}
+                                      for i in range(len(names)) for j in range(i + 1, len(names))]
+                if layer in shown and table_ids:
+                    pos = [ids.index(i) for i in table_ids]
+                    d = pairwise_distances(x[pos], self.normalize)
+                    result.arrays[f"{run}/item_distance/{layer}"] = d
+                    dist_rows += [{"run": run, "layer": layer, "item": a,
+                                   **{b: d[r, c] for c, b in enumerate(table_ids)}} for r, a in enumerate(table_ids)]
+            result.arrays[f"{run}/ids"] = np.array(ids)
+            layer_names = [layer for layer, _ in sites]
+            for (key, space), values in curves.items():
+                result.arrays[f"{run}/silhouette/{key}/{space}"] = np.array(values)
+                if run == "baseline" and np.isfinite(values).any():
+                    best = int(np.nanargmax(values))
+                    result.summary[f"{key}: best layer ({space})"] = layer_names[best]
+                    result.summary[f"{key}: max silhouette ({space})"] = values[best]
+            result.tables.append(Table(f"Silhouette per layer, space={self.space} ({run})", rows))
+            if dist_rows:
+                norm = ", L2-normalised" if self.normalize else ""
+                result.tables.append(Table(f"Euclidean distances between items{norm} ({run})", dist_rows))
+            result.tables.append(Table(f"Distances between cluster centroids ({run})", cent_rows, show=False))
+            result.figures[f"silhouette_{run}"] = _silhouette_plot(curves, layer_names, f"{stack} ({run})")
+            for key, (mask, values) in scored.items():
+                result.figures[f"tsne_{key}_{run}"] = _scatter(coords, shown, mask, values, items, key, run)
+        result.notes.append("Silhouette in the t-SNE map follows the paper; t-SNE does not preserve distances, "
+                            "so compare with space=full (raw activations).")
+        return result
+
+    def _scored_labels(self, items: list[Stimulus], labels: list[str], result: Result, note: bool
+                       ) -> dict[str, tuple[np.ndarray, list[str]]]:
+        """Per label: which items carry it and their values; labels without a defined silhouette are noted."""
+        out = {}
+        for key in labels:
+            mask = np.array([key in it.labels for it in items])
+            values = [str(it.labels[key]) for it in items if key in it.labels]
+            problem = silhouette_problem(values) if values else "no item carries it"
+            if problem is None and mask.sum() < 3:
+                problem = "fewer than 3 items carry it"
+            if problem:
+                if note:
+                    result.notes.append(f"Label '{key}' skipped: {problem}.")
+                continue
+            if note and not mask.all():
+                result.notes.append(f"Label '{key}' is scored on the {int(mask.sum())} of {len(items)} items "
+                                    "that carry it.")
+            out[key] = (mask, values)
+        if not out:
+            raise UserError(f"clusters: none of the labels {labels} has two or more classes with a repeated member, "
+                            "so no silhouette can be computed.")
+        return out
+
+    def _table_items(self, items: list[Stimulus]) -> list[str]:
+        if self.items is None:
+            return default_items(items)
+        held = {it.id for it in items}
+        missing = [i for i in self.items if i not in held]
+        if missing:
+            raise UserError(f"clusters: items {missing[:3]} are not in the dataset (or were not collected).")
+        return list(self.items)
+
+
+# ---- figures ---------------------------------------------------------------------------------------------
+def _silhouette_plot(curves: dict[tuple[str, str], list[float]], layers: list[Any], title: str) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    keys = list(dict.fromkeys(k for k, _ in curves))
+    x = np.arange(len(layers))
+    for (key, space), values in curves.items():
+        ax.plot(x, values, marker="o", ms=3, color=plt.cm.tab10(keys.index(key) % 10),
+                ls="-" if space == "tsne" else "--", label=f"{key} ({'t-SNE 2-D' if space == 'tsne' else 'full'})")
+    ax.set_xticks(x, [str(layer) for layer in layers], fontsize=7)
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set(title=f"Silhouette per layer — {title}", xlabel="layer", ylabel="silhouette score")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _scatter(coords: dict[Any, np.ndarray], layers: list[Any], mask: np.ndarray, values: list[str],
+             items: list[Stimulus], key: str, run: str) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    classes = sorted(set(values))
+    cmap = plt.cm.tab10 if len(classes) <= 10 else plt.cm.tab20
+    mods = np.array([reps.modality_of(it) for it, m in zip(items, mask) if m])
+    markers = {"speech": "o", "text": "^"}
+    fig, axes = plt.subplots(1, len(layers), figsize=(4 * len(layers) + 1.5, 4), squeeze=False)
+    v = np.array(values)
+    for ax, layer in zip(axes[0], layers):
+        xy = coords[layer][mask]
+        for c, cls in enumerate(classes):
+            first = True
+            for mod in sorted(set(mods)):
+                sel = (v == cls) & (mods == mod)
+                if sel.any():
+                    ax.scatter(xy[sel, 0], xy[sel, 1], s=14, color=cmap(c % cmap.N), marker=markers.get(mod, "s"),
+                               label=cls if first else None)
+                    first = False
+        ax.set_title(f"layer {layer}", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if len(classes) <= 20:
+        handles, names = axes[0][-1].get_legend_handles_labels()
+        uniq = dict(zip(names, handles))
+        fig.legend(uniq.values(), uniq.keys(), loc="center right", fontsize=7, title=key)
+    shape = " (o speech, ^ text)" if len(set(mods)) > 1 else ""
+    fig.suptitle(f"t-SNE coloured by {key}{shape} ({run})", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 0.88 if len(classes) <= 20 else 1, 1))
+    return fig
+
+
+@hookimpl
+def lalm_probe_analyses() -> list[type]:
+    return [Clusters]

@@ -1,0 +1,428 @@
+"""Semantic hub tests (Wu et al., ICLR 2025 = seed 004): shared representations across languages and modalities.
+
+(a) Eq. 1 — baseline-adjusted cosine. For n matched pairs (same ``semantic_id``: speech vs its transcript, or
+language A vs B) the n×n cosine matrix is built per layer; each pair's score is its cosine minus ONE global mean
+over all non-matching (off-diagonal) pairs of that layer, as in the reference code. The layer score is the mean
+over pairs with a 95% confidence interval: a t-interval over the per-pair scores (``ci=t``, default) or a
+percentile bootstrap over pairs (``ci=bootstrap``, 2000 resamples, seeded). Both treat the baseline as fixed: it
+averages n(n−1) cosines, so its sampling error is small next to the per-pair spread.
+
+(b) Eq. 2 — token-language distribution under the logit lens. Token counts per language c(w, z) come from text
+(the dataset's texts and transcripts, plus the built-in sentences for languages they lack, or a corpus file).
+``log p(w|z) = log c(w,z) − log Σ_w c(w,z)``; ``p(z|w)`` = softmax over languages with a UNIFORM prior, masking
+languages where w never occurs; tokens seen in no language get 1/|languages|. For a hidden state,
+``p(z|h) = Σ_w p_lens(w|h) p(z|w)`` with ``p_lens`` the lens softmax truncated to the tokenizer's base vocabulary
+(``tokenizer.vocab_size``, no added special tokens) and renormalised. Tokens are counted without special tokens.
+The lens skips the final norm by default (``norm=false``), as the reference code does for layers < L.
+The paper averages over every token position of long texts; here each item contributes its ``position`` state
+(``last`` by default). With the small built-in corpus the token table is noisy; pass ``corpus=<file>`` with more
+text (lines ``language<TAB>text`` or JSONL with ``language`` and ``text``) for stable estimates.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+from scipy import stats
+from scipy.special import softmax
+
+from lalm_probe.core.data import Dataset
+from lalm_probe.core.errors import UserError
+from lalm_probe.core.plugin import Analysis, Requirements
+from lalm_probe.core.registry import hookimpl
+from lalm_probe.core.results import Result, Table
+from lalm_probe.plugins.analyses import reps
+
+
+# ---- (a) baseline-adjusted cosine ------------------------------------------------------------------------
+def cosine_matrix(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """cos(x_a, y_b) for all rows a of x and b of y (zero vectors give 0)."""
+    def unit(v: np.ndarray) -> np.ndarray:
+        v = np.asarray(v, dtype=np.float64)
+        n = np.linalg.norm(v, axis=-1, keepdims=True)
+        return v / np.where(n > 0, n, 1.0)
+
+    return unit(x) @ unit(y).T
+
+
+def adjusted_scores(sim: np.ndarray) -> tuple[np.ndarray, float]:
+    """Eq. 1 on an n×n similarity matrix whose diagonal holds the matched pairs.
+
+    Returns the per-pair scores ``sim[i, i] − off`` and ``off`` = mean of the n(n−1) off-diagonal entries.
+    """
+    n = sim.shape[0]
+    if sim.shape != (n, n) or n < 2:
+        raise ValueError(f"Eq. 1 needs a square matrix of at least 2x2 pairs; got {sim.shape}.")
+    diag = np.diag(sim)
+    off = (sim.sum() - diag.sum()) / (n * (n - 1))
+    return diag - off, float(off)
+
+
+def baseline_adjusted_cosine(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
+    """Per-pair baseline-adjusted cosine for matched rows of x and y, and the non-matching baseline."""
+    return adjusted_scores(cosine_matrix(x, y))
+
+
+def mean_ci(values: np.ndarray, level: float = 0.95, method: str = "t", seed: int = 0
+            ) -> tuple[float, float, float]:
+    """Mean and confidence interval over pairs (t-interval or percentile bootstrap)."""
+    v = np.asarray(values, dtype=np.float64)
+    m = float(v.mean())
+    if len(v) < 2 or np.ptp(v) == 0:
+        return m, m, m
+    if method == "bootstrap":
+        res = stats.bootstrap((v,), np.mean, confidence_level=level, n_resamples=2000, method="percentile",
+                              rng=np.random.default_rng(seed))
+        return m, float(res.confidence_interval.low), float(res.confidence_interval.high)
+    half = stats.t.ppf(0.5 + level / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
+    return m, m - half, m + half
+
+
+# ---- (b) token-language distribution ---------------------------------------------------------------------
+def count_tokens(tokenizer: Any, texts: dict[str, Sequence[str]], vocab_size: int) -> tuple[list[str], np.ndarray]:
+    """Languages (sorted) and a (vocab, languages) table of token counts; ids ≥ vocab_size are ignored."""
+    langs = sorted(texts)
+    counts = np.zeros((vocab_size, len(langs)))
+    for j, lang in enumerate(langs):
+        for text in texts[lang]:
+            ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=int)
+            ids = ids[(ids >= 0) & (ids < vocab_size)]
+            np.add.at(counts[:, j], ids, 1)
+    return langs, counts
+
+
+def language_given_token(counts: np.ndarray) -> np.ndarray:
+    """p(language | token) with a uniform language prior, masked where a token never occurs in a language.
+
+    Rows of tokens seen in no language are uniform. Each row sums to 1.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    totals = counts.sum(axis=0)
+    seen = counts > 0
+    with np.errstate(divide="ignore"):
+        logp = np.where(seen, np.log(np.where(seen, counts, 1.0)) - np.log(np.where(totals > 0, totals, 1.0)),
+                        -np.inf)
+    out = np.full(counts.shape, 1.0 / counts.shape[1])
+    rows = seen.any(axis=1)
+    out[rows] = softmax(logp[rows], axis=1)
+    return out
+
+
+def language_given_hidden(logits: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """p(language | h) = Σ_w p_lens(w|h)·p(language|w), with the lens distribution truncated to the table's
+    vocabulary and renormalised (softmax of the truncated logits). Rows sum to 1."""
+    v = table.shape[0]
+    logits = np.asarray(logits, dtype=np.float64)
+    if logits.shape[-1] < v:
+        raise ValueError(f"The lens gives {logits.shape[-1]} logits but the token table has {v} tokens.")
+    return softmax(logits[..., :v], axis=-1) @ table
+
+
+def entropy(p: np.ndarray) -> np.ndarray:
+    """Shannon entropy (nats) of each row."""
+    p = np.asarray(p, dtype=np.float64)
+    return -(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)).sum(axis=-1)
+
+
+def read_corpus(path: str | Path) -> dict[str, list[str]]:
+    """Texts per language from ``language<TAB>text`` lines or JSONL objects with ``language`` and ``text``."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"hub: corpus file not found: {p}")
+    out: dict[str, list[str]] = {}
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                obj = json.loads(line)
+                lang, text = obj["language"], obj["text"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UserError(f"{p}, line {n}: expected a JSON object with 'language' and 'text'.") from None
+        else:
+            lang, tab, text = line.partition("\t")
+            if not tab:
+                raise UserError(f"{p}, line {n}: expected 'language<TAB>text'.")
+        out.setdefault(str(lang).strip(), []).append(str(text))
+    if not out:
+        raise UserError(f"hub: corpus file {p} holds no text.")
+    return out
+
+
+# ---- the plugin ------------------------------------------------------------------------------------------
+@dataclass
+class Hub(Analysis):
+    """Semantic hub: baseline-adjusted cosine of parallel items, and p(language | h) under the logit lens."""
+
+    name: ClassVar[str] = "hub"
+    description: ClassVar[str] = "Semantic hub: baseline-adjusted cosine (Eq. 1) and lens language distribution"
+
+    stack: str | None = None  # default: the lens stack
+    position: str = "last"  # the reference uses the last position
+    compare: list[str] = field(default_factory=lambda: ["modality", "language"])
+    pairs: str = "dominant"  # cross-lingual pairs: each language vs the dominant one, or all pairs
+    dominant: str = "en"
+    ci: str = "t"  # t-interval or bootstrap over pairs
+    similarity: bool = True  # part (a)
+    language_lens: bool = True  # part (b)
+    norm: bool = False  # apply the final norm in the lens (the reference does not)
+    corpus: str = "auto"  # auto | dataset | builtin | path to a language<TAB>text or JSONL file
+    chunk: int = 64  # items projected at once
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.pairs not in ("dominant", "all"):
+            raise UserError(f"hub: pairs must be 'dominant' or 'all', got '{self.pairs}'.")
+        if self.ci not in ("t", "bootstrap"):
+            raise UserError(f"hub: ci must be 't' or 'bootstrap', got '{self.ci}'.")
+        if set(self.compare) - {"modality", "language"}:
+            raise UserError(f"hub: compare takes 'modality' and/or 'language', got {self.compare}.")
+        if not (self.similarity or self.language_lens):
+            raise UserError("hub: both parts are switched off (similarity=false, language_lens=false).")
+
+    def requirements(self, session: Any, dataset: Dataset) -> Requirements:
+        stack = reps.resolve_stack(session, self.stack)
+        reps.layer_sites(session, stack, "out")
+        labels = ["language"] + (["semantic_id"] if self.similarity else [])
+        return Requirements(sites=[f"{stack}.*.out"], positions=[self.position], labels=labels)
+
+    def analyze(self, session: Any, dataset: Dataset, stores: dict[str, Any]) -> Result:
+        stack = reps.resolve_stack(session, self.stack)
+        layers = [layer for layer, _ in reps.layer_sites(session, stack, "out")]
+        result = Result(summary={"stack": stack, "position": self.position, "lens final norm": self.norm})
+        table = self._token_table(session, dataset, result) if self.language_lens else None
+        for run, store in stores.items():
+            items = reps.stored_items(dataset, store)
+            ids = [it.id for it in items]
+            pairs = self._pairs(items, result, run) if self.similarity else []
+            scores = {name: np.zeros((len(layers), 5)) for name, _, _ in pairs}  # mean, lo, hi, matched, off
+            probs = np.zeros((len(layers), len(items), len(table[0]))) if table else None
+            for li, layer in enumerate(layers):  # one layer in memory at a time
+                x = reps.load_layer(store, f"{stack}.{layer}.out", self.position, ids)
+                for name, ra, rb in pairs:
+                    per_pair, off = baseline_adjusted_cosine(x[ra], x[rb])
+                    m, lo, hi = mean_ci(per_pair, method=self.ci, seed=self.seed)
+                    scores[name][li] = m, lo, hi, m + off, off
+                if table is not None:
+                    probs[li] = self._lens_probs(session, stack, x, table[1])
+            if pairs:
+                self._report_similarity(result, run, scores, {n: len(ra) for n, ra, _ in pairs}, layers)
+            if table is not None:
+                self._report_lens(result, run, items, probs, table[0], layers)
+        return result
+
+    # ---- (a) --------------------------------------------------------------------------------------------
+    def comparisons(self, index: dict[tuple[str, str], dict[str, str]]) -> list[tuple[str, tuple, tuple]]:
+        """(name, group a, group b) for every comparison the options ask for, groups = (language, modality)."""
+        out = []
+        langs = sorted({lang for lang, _ in index})
+        if "modality" in self.compare:
+            out += [(f"{lang}: speech vs text", (lang, "speech"), (lang, "text")) for lang in langs
+                    if (lang, "speech") in index and (lang, "text") in index]
+        if "language" in self.compare:
+            for mod in ("speech", "text"):
+                have = [lang for lang in langs if (lang, mod) in index]
+                if self.pairs == "dominant" and self.dominant in have:
+                    pairs = [(lang, self.dominant) for lang in have if lang != self.dominant]
+                else:
+                    pairs = [(a, b) for i, a in enumerate(have) for b in have[i + 1:]]
+                out += [(f"{mod}: {a} vs {b}", (a, mod), (b, mod)) for a, b in pairs]
+        return out
+
+    def _pairs(self, items: list, result: Result, run: str) -> list[tuple[str, list[int], list[int]]]:
+        """Every comparison as (name, rows of side a, rows of side b), rows matched by semantic id."""
+        index, dropped = reps.parallel_index(items)
+        if dropped and run == "baseline":
+            result.notes.append(f"{dropped} repeated items (same sentence, language and modality) were left out "
+                                "of the pairs; the first of each stands for the sentence.")
+        row_of = {it.id: n for n, it in enumerate(items)}
+        out = []
+        for name, a, b in self.comparisons(index):
+            _, a_ids, b_ids = reps.matched_ids(index, a, b)
+            if len(a_ids) >= 2:
+                out.append((name, [row_of[i] for i in a_ids], [row_of[i] for i in b_ids]))
+        if not out:
+            raise UserError("hub: no matched pairs — no two groups (speech/text of one language, or two languages) "
+                            "share at least 2 semantic ids; check the semantic_id, language and modality labels.")
+        return out
+
+    def _report_similarity(self, result: Result, run: str, curves: dict[str, np.ndarray], sizes: dict[str, int],
+                           layers: list) -> None:
+        rows = [{"run": run, "comparison": name, "layer": layer, "pairs": sizes[name], "matched_cos": c[li, 3],
+                 "nonmatched_cos": c[li, 4], "score": c[li, 0], "ci_low": c[li, 1], "ci_high": c[li, 2]}
+                for name, c in curves.items() for li, layer in enumerate(layers)]
+        for name, c in curves.items():
+            result.arrays[f"{run}/similarity/{name}"] = c[:, :3]  # (layers, [mean, ci_low, ci_high])
+            result.arrays[f"{run}/raw_cosine/{name}"] = c[:, 3:]  # (layers, [matched, non-matched mean])
+        result.tables.append(Table(f"Baseline-adjusted cosine per layer, 95% CI ({self.ci}) ({run})", rows,
+                                   show=len(curves) <= 2))
+        mean = np.mean([c[:, 0] for c in curves.values()], axis=0)
+        result.tables.append(Table(f"Baseline-adjusted cosine per layer, by comparison ({run})",
+                                   [{"layer": layer, **{n: c[li, 0] for n, c in curves.items()}, "mean": mean[li]}
+                                    for li, layer in enumerate(layers)], show=2 < len(curves) <= 8))
+        if run == "baseline":
+            best = int(np.argmax(mean))
+            result.summary["similarity: comparisons"] = len(curves)
+            result.summary["similarity: best layer (mean over comparisons)"] = layers[best]
+            result.summary["similarity: adjusted cosine there"] = float(mean[best])
+        result.figures[f"hub_similarity_{run}"] = _similarity_plot(curves, layers, run)
+
+    # ---- (b) --------------------------------------------------------------------------------------------
+    def texts(self, dataset: Dataset) -> dict[str, list[str]]:
+        """Text per language for the token table, following the ``corpus`` option.
+
+        ``auto``: the dataset's texts and transcripts, plus the built-in sentences for each language of the
+        dataset (and the dominant one) that has no text in it; ``dataset`` / ``builtin``: only that source.
+        """
+        if self.corpus not in ("auto", "dataset", "builtin"):
+            return read_corpus(self.corpus)
+        from lalm_probe.core.synth import load_sentences
+
+        out: dict[str, list[str]] = {}
+        if self.corpus in ("auto", "dataset"):
+            for it in dataset:
+                text = it.text or it.labels.get("transcript")
+                if text and "language" in it.labels:
+                    out.setdefault(str(it.labels["language"]), []).append(str(text))
+            out = {k: list(dict.fromkeys(v)) for k, v in out.items()}  # a sentence counts once per language
+        if self.corpus == "builtin":
+            for s in load_sentences():
+                out.setdefault(s.language, []).append(s.text)
+        elif self.corpus == "auto":
+            wanted = {str(it.labels["language"]) for it in dataset if "language" in it.labels} | {self.dominant}
+            missing = wanted - set(out)
+            for s in load_sentences():
+                if s.language in missing:
+                    out.setdefault(s.language, []).append(s.text)
+        return out
+
+    def _token_table(self, session: Any, dataset: Dataset, result: Result) -> tuple[list[str], np.ndarray]:
+        tok = session.plugin.tokenizer
+        vocab = int(getattr(tok, "vocab_size", 0) or len(tok))
+        texts = self.texts(dataset)
+        if len(texts) < 2:
+            raise UserError(f"hub: the token-language table needs text in at least two languages; found "
+                            f"{', '.join(texts) or 'none'}. Pass corpus=builtin or corpus=<file>.")
+        langs, counts = count_tokens(tok, texts, vocab)
+        result.summary["token table: languages"] = langs
+        result.summary["token table: tokens counted"] = int(counts.sum())
+        result.arrays["token_table/counts_per_language"] = counts.sum(axis=0)
+        if self.dominant not in langs:
+            result.notes.append(f"The dominant language '{self.dominant}' has no text in the token table, "
+                                "so p(dominant | h) is not reported.")
+        return langs, language_given_token(counts)
+
+    def _lens_probs(self, session: Any, stack: str, x: np.ndarray, p_tok: np.ndarray) -> np.ndarray:
+        """p(language | h) for every row of x, projecting ``chunk`` rows at a time (vocabularies are large)."""
+        out = np.zeros((len(x), p_tok.shape[1]))
+        for start in range(0, len(x), self.chunk):
+            logits = session.lens(x[start:start + self.chunk], stack, self.norm)
+            logits = logits.detach().float().cpu().numpy() if hasattr(logits, "detach") else np.asarray(logits)
+            out[start:start + self.chunk] = language_given_hidden(logits, p_tok)
+        return out
+
+    def _report_lens(self, result: Result, run: str, items: list, probs: np.ndarray, langs: list[str],
+                     layers: list) -> None:
+        result.arrays[f"{run}/language_lens/p_language"] = probs  # (layers, items, languages)
+        result.arrays["token_table/languages"] = np.array(langs)
+        col = {lang: j for j, lang in enumerate(langs)}
+        dom = col.get(self.dominant)
+        nan = np.full(len(layers), np.nan)
+        groups: dict[tuple[str, str], list[int]] = {}
+        for n, it in enumerate(items):
+            groups.setdefault((reps.modality_of(it), str(it.labels.get("language"))), []).append(n)
+        rows, curves = [], {}
+        for (mod, lang), members in sorted(groups.items()):
+            p = probs[:, members]  # (layers, members, languages)
+            p_in = p[:, :, col[lang]].mean(axis=1) if lang in col else nan
+            p_dom = p[:, :, dom].mean(axis=1) if dom is not None else nan
+            ent = entropy(p).mean(axis=1)
+            top = p.mean(axis=1).argmax(axis=-1)
+            curves[(mod, lang)] = (p_in, p_dom)
+            rows += [{"run": run, "modality": mod, "input_language": lang, "layer": layer, "items": len(members),
+                      "p_input": p_in[li], f"p_{self.dominant}": p_dom[li], "entropy": ent[li],
+                      "top_language": langs[int(top[li])]} for li, layer in enumerate(layers)]
+        result.tables.append(Table(f"Lens language distribution p(language | h) per layer ({run})", rows,
+                                   show=len(groups) <= 2))
+        if len(groups) > 2:  # a compact view: own-language vs dominant-language probability per modality
+            compact = []
+            for li, layer in enumerate(layers):
+                row: dict[str, Any] = {"layer": layer}
+                for mod in sorted({m for m, _ in groups}):
+                    own = [curves[(m, lang)][0][li] for m, lang in curves if m == mod and lang in col]
+                    dom_p = [curves[(m, lang)][1][li] for m, lang in curves if m == mod and lang != self.dominant]
+                    row[f"{mod}: p(input lang)"] = float(np.mean(own)) if own else float("nan")
+                    row[f"{mod}: p({self.dominant}), other inputs"] = float(np.mean(dom_p)) if dom_p else float("nan")
+                compact.append(row)
+            result.tables.append(Table(f"Lens language probability per layer, mean over input languages ({run})",
+                                       compact))
+        if run == "baseline" and dom is not None:
+            for mod in sorted({m for m, _ in groups}):
+                others = [n for n, it in enumerate(items) if reps.modality_of(it) == mod
+                          and str(it.labels.get("language")) != self.dominant]
+                if others:
+                    curve = probs[:, others, dom].mean(axis=1)
+                    best = int(np.argmax(curve))
+                    result.summary[f"p({self.dominant}|h), non-{self.dominant} {mod} input: peak layer"] = layers[best]
+                    result.summary[f"p({self.dominant}|h), non-{self.dominant} {mod} input: peak value"] = float(
+                        curve[best])
+        result.figures[f"hub_language_lens_{run}"] = _lens_plot(curves, layers, self.dominant, run)
+
+
+# ---- figures ---------------------------------------------------------------------------------------------
+def _similarity_plot(curves: dict[str, np.ndarray], layers: list, run: str) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    x = np.arange(len(layers))
+    for n, (name, c) in enumerate(curves.items()):
+        color = plt.cm.tab10(n % 10) if len(curves) <= 10 else plt.cm.tab20(n % 20)
+        ax.plot(x, c[:, 0], marker="o", ms=3, color=color, label=name)
+        ax.fill_between(x, c[:, 1], c[:, 2], color=color, alpha=0.15)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xticks(x, [str(layer) for layer in layers], fontsize=7)
+    ax.set(title=f"Matched minus non-matched cosine (Eq. 1), 95% CI ({run})", xlabel="layer",
+           ylabel="baseline-adjusted cosine")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2 if len(curves) > 6 else 1)
+    fig.tight_layout()
+    return fig
+
+
+def _lens_plot(curves: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]], layers: list, dominant: str,
+               run: str) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mods = sorted({m for m, _ in curves})
+    fig, axes = plt.subplots(1, len(mods), figsize=(6.5 * len(mods), 4), squeeze=False)
+    x = np.arange(len(layers))
+    for ax, mod in zip(axes[0], mods):
+        langs = sorted(lang for m, lang in curves if m == mod)
+        for n, lang in enumerate(langs):
+            p_in, p_dom = curves[(mod, lang)]
+            color = plt.cm.tab10(n % 10) if len(langs) <= 10 else plt.cm.tab20(n % 20)
+            ax.plot(x, p_in, color=color, label=f"{lang}: p({lang}|h)")
+            if lang != dominant and np.isfinite(p_dom).any():
+                ax.plot(x, p_dom, color=color, ls="--", label=f"{lang}: p({dominant}|h)")
+        ax.set_xticks(x, [str(layer) for layer in layers], fontsize=7)
+        ax.set(title=f"{mod} input: lens language probability ({run})", xlabel="layer", ylabel="p(language | h)",
+               ylim=(0, 1))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=2 if len(langs) > 4 else 1)
+    fig.tight_layout()
+    return fig
+
+
+@hookimpl
+def lalm_probe_analyses() -> list[type]:
+    return [Hub]

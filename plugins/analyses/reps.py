@@ -1,0 +1,115 @@
+"""Shared plumbing for the representation-geometry analyses (clusters, svcca, hub).
+
+These analyses all read one vector per item per layer from the store, group items by their labels and pair
+parallel items through ``semantic_id``. Keeping the stack/site resolution and the pairing rules in one place
+means the three analyses agree on which layer is "layer 12" and on which item stands for a sentence.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from lalm_probe.core.data import Dataset, Stimulus
+from lalm_probe.core.errors import UserError, unknown_name
+
+Layer = int | str  # a layer index, or the name of a stack-level extra (e.g. "adaptor")
+
+
+def resolve_stack(session: Any, stack: str | None) -> str:
+    """The requested stack, else the model's lens stack (its LM / text decoder), else its first stack."""
+    resolved = session.plugin.resolved
+    name = stack or getattr(session.plugin, "lens_stack", None) or next(iter(resolved), None)
+    if name is None:
+        raise UserError("The model declares no layer stacks to analyse.")
+    if name not in resolved:
+        raise unknown_name("stack", name, resolved)
+    return name
+
+
+def layer_sites(session: Any, stack: str, site: str) -> list[tuple[Layer, str]]:
+    """``(layer, site)`` for every layer of ``stack`` at component ``site``, or one entry for an extra."""
+    st = session.plugin.resolved[stack]
+    if site in st.extras:
+        return [(site, f"{stack}.{site}")]
+    if site not in st.spec.components:
+        raise UserError(f"Stack '{stack}' has no component or extra '{site}'; components: "
+                        f"{', '.join(st.spec.components)}; extras: {', '.join(st.extras) or 'none'}.")
+    return [(i, f"{stack}.{i}.{site}") for i in range(st.num_layers)]
+
+
+def site_pattern(session: Any, stack: str, site: str) -> str:
+    """The pattern the engine expands: ``stack.*.site`` for a per-layer component, ``stack.extra`` otherwise."""
+    st = session.plugin.resolved[stack]
+    return f"{stack}.{site}" if site in st.extras else f"{stack}.*.{site}"
+
+
+def load_layer(store: Any, site: str, position: str, ids: Sequence[str]) -> np.ndarray:
+    """One site's vectors for ``ids`` (in that order) as float64, so sums over many items stay exact."""
+    _, arrays = store.load([f"{site}@{position}"], order=list(ids))
+    return np.asarray(arrays[f"{site}@{position}"], dtype=np.float64)
+
+
+def modality_of(item: Stimulus) -> str:
+    """The ``modality`` label, else inferred: an item with audio is speech, one without is text."""
+    return str(item.labels.get("modality") or ("speech" if item.has_audio else "text"))
+
+
+def stored_items(dataset: Dataset, store: Any) -> list[Stimulus]:
+    """Dataset items the store holds, in dataset order (a stack that some items skip leaves gaps)."""
+    held = store.stored_ids()
+    return [it for it in dataset if it.id in held]
+
+
+def parallel_index(items: Iterable[Stimulus]) -> tuple[dict[tuple[str, str], dict[str, str]], int]:
+    """``{(language, modality): {semantic_id: item id}}`` keeping the first item per key, and how many were dropped.
+
+    Several recordings of one sentence (voices, conditions) would otherwise weigh a sentence more than others;
+    like Lee et al. (seed 001), who remove duplicate utterances, one item stands for each sentence.
+    """
+    index: dict[tuple[str, str], dict[str, str]] = {}
+    dropped = 0
+    for it in items:
+        if "semantic_id" not in it.labels or "language" not in it.labels:
+            continue
+        group = index.setdefault((str(it.labels["language"]), modality_of(it)), {})
+        sid = str(it.labels["semantic_id"])
+        if sid in group:
+            dropped += 1
+        else:
+            group[sid] = it.id
+    return index, dropped
+
+
+def matched_ids(index: dict[tuple[str, str], dict[str, str]], a: tuple[str, str], b: tuple[str, str]
+                ) -> tuple[list[str], list[str], list[str]]:
+    """Item ids of groups ``a`` and ``b`` paired by semantic id (sorted ids, so pairing never depends on order)."""
+    common = sorted(set(index.get(a, {})) & set(index.get(b, {})))
+    return common, [index[a][s] for s in common], [index[b][s] for s in common]
+
+
+def spread_layers(layers: Sequence[Layer], chosen: Sequence[int] | None) -> list[Layer]:
+    """Chosen layers (negative counts from the end), default first / middle / last."""
+    n = len(layers)
+    if chosen is None:
+        picks = sorted({0, n // 2, n - 1})
+    else:
+        bad = [c for c in chosen if not -n <= c < n]
+        if bad:
+            raise UserError(f"Layers {bad} are out of range; there are {n} layers (0..{n - 1}).")
+        picks = list(dict.fromkeys(c % n for c in chosen))
+    return [layers[i] for i in picks]
+
+
+def pair_layers(n_a: int, n_b: int) -> list[tuple[int, int]]:
+    """Pair layers of two stacks: i with i when depths match, else by relative depth.
+
+    Every layer of the shallower stack is paired with the layer of the deeper one at the same fraction of its
+    depth (``round(i·(n_deep−1)/(n_shallow−1))``), so first meets first and last meets last.
+    """
+    if n_a == n_b:
+        return [(i, i) for i in range(n_a)]
+    short, deep = min(n_a, n_b), max(n_a, n_b)
+    mapped = [(i, int(round(i * (deep - 1) / max(short - 1, 1)))) for i in range(short)]
+    return mapped if n_a <= n_b else [(j, i) for i, j in mapped]

@@ -1,0 +1,196 @@
+"""Semantic hub: Eq. 1 on hand-made and random data, the token-language table by hand, and end to end."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+from threadpoolctl import threadpool_limits
+
+from lalm_probe.core.data import Dataset, Stimulus
+from lalm_probe.core.errors import UserError
+from lalm_probe.core.model import ResolvedStack, Stack
+from lalm_probe.core.store import ActivationStore
+from lalm_probe.plugins.analyses.hub import (Hub, adjusted_scores, baseline_adjusted_cosine, count_tokens, entropy,
+                                             lalm_probe_analyses, language_given_hidden, language_given_token,
+                                             mean_ci, read_corpus)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with threadpool_limits(limits=1):
+        yield
+
+
+def test_eq1_on_a_hand_made_matrix():
+    sim = np.array([[0.9, 0.1, 0.2], [0.3, 0.8, 0.0], [0.1, 0.2, 0.7]])
+    scores, off = adjusted_scores(sim)
+    assert off == pytest.approx(0.15)  # (0.1+0.2+0.3+0.0+0.1+0.2) / 6
+    np.testing.assert_allclose(scores, [0.75, 0.65, 0.55])
+
+
+def test_unrelated_data_scores_zero_and_shared_structure_scores_positive():
+    rng = np.random.default_rng(0)
+    draws = []
+    for _ in range(300):
+        # a shared offset makes every raw cosine high; the baseline removes it
+        x, y = 2 + rng.normal(size=(12, 16)), 2 + rng.normal(size=(12, 16))
+        scores, off = baseline_adjusted_cosine(x, y)
+        draws.append(scores.mean())
+    assert off > 0.5
+    assert abs(np.mean(draws)) < 0.01
+    z = rng.normal(size=(30, 16))
+    scores, _ = baseline_adjusted_cosine(z + 0.5 * rng.normal(size=z.shape), z + 0.5 * rng.normal(size=z.shape))
+    m, lo, hi = mean_ci(scores)
+    assert lo > 0.5 and lo < m < hi
+
+
+def test_confidence_intervals():
+    v = np.random.default_rng(1).normal(0.3, 0.1, size=25)
+    m, lo, hi = mean_ci(v)
+    ref = stats.t.interval(0.95, len(v) - 1, loc=v.mean(), scale=stats.sem(v))
+    assert (lo, hi) == pytest.approx(ref)
+    mb, blo, bhi = mean_ci(v, method="bootstrap", seed=0)
+    assert mb == m and blo < m < bhi and abs((bhi - blo) - (hi - lo)) < 0.03
+    assert mean_ci(np.ones(4)) == (1.0, 1.0, 1.0)
+
+
+def test_token_language_table_by_hand():
+    #            en  fr        p(w|en): .5 .25 .25 0 0 ; p(w|fr): 0 1/8 3/8 0 1/2
+    counts = np.array([[2, 0], [1, 1], [1, 3], [0, 0], [0, 4]])
+    p = language_given_token(counts)
+    expected = np.array([[1, 0], [2 / 3, 1 / 3], [0.4, 0.6], [0.5, 0.5], [0, 1]])
+    np.testing.assert_allclose(p, expected, atol=1e-12)
+    np.testing.assert_allclose(p.sum(axis=1), 1.0)
+
+
+def test_language_given_hidden_truncates_and_sums_to_one():
+    rng = np.random.default_rng(2)
+    table = language_given_token(rng.integers(0, 3, size=(20, 3)))
+    logits = rng.normal(size=(7, 24))  # a padded unembedding: 4 logits beyond the table's vocabulary
+    p = language_given_hidden(logits, table)
+    np.testing.assert_allclose(p.sum(axis=1), 1.0)
+    lens = np.exp(logits[:, :20]) / np.exp(logits[:, :20]).sum(1, keepdims=True)
+    np.testing.assert_allclose(p, lens @ table)
+    assert entropy(np.array([[0.5, 0.5, 0.0]]))[0] == pytest.approx(np.log(2))
+    with pytest.raises(ValueError):
+        language_given_hidden(logits[:, :10], table)
+
+
+class LetterTokenizer:
+    """a..j are English tokens 0-9, k..t French tokens 10-19 (the fake model's vocabulary)."""
+
+    vocab_size = 20
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        return {"input_ids": [ord(c) - ord("a") for c in text if c.isalpha()] + ([99] if add_special_tokens else [])}
+
+
+def test_count_tokens_and_corpus_file(tmp_path):
+    langs, counts = count_tokens(LetterTokenizer(), {"fr": ["kkl"], "en": ["ab a"]}, 20)
+    assert langs == ["en", "fr"]
+    assert counts[0].tolist() == [2, 0] and counts[10].tolist() == [0, 2] and counts.sum() == 6
+    f = tmp_path / "corpus.tsv"
+    f.write_text("en\tabc\n# comment\nfr\tklm\n{\"language\": \"de\", \"text\": \"x\"}\n")
+    assert read_corpus(f) == {"en": ["abc"], "fr": ["klm"], "de": ["x"]}
+    with pytest.raises(UserError):
+        read_corpus(tmp_path / "missing.tsv")
+
+
+# ---- end to end ------------------------------------------------------------------------------------------
+N_LAYERS, D, N_SENT = 5, 24, 10
+HUB_LAYERS = {2, 3}  # matched items share a state here, and the lens reads English tokens
+
+
+def _planted(tmp_path):
+    """en/fr speech+text. Hidden size 24 = 20 token directions + 4 spare; the lens is 8·h on the token part.
+    Outside the hub layers a state points at its own language's tokens plus item noise; inside, at the
+    English token of its sentence (shared by all versions of a sentence)."""
+    rng = np.random.default_rng(0)
+    items, rows = [], {layer: [] for layer in range(N_LAYERS)}
+    for s in range(N_SENT):
+        for lang in ("en", "fr"):
+            for mod in ("speech", "text"):
+                text = "abcdefghij"[s] * 3 if lang == "en" else "klmnopqrst"[s] * 3
+                items.append(Stimulus(id=f"s{s}-{lang}-{mod}", text=text if mod == "text" else None,
+                                      labels={"semantic_id": f"s{s}", "language": lang, "modality": mod}))
+                for layer in range(N_LAYERS):
+                    h = 0.1 * rng.normal(size=D)
+                    if layer in HUB_LAYERS:
+                        h[s] += 1.0  # the English token of sentence s
+                    else:
+                        h[rng.integers(0, 10) + (0 if lang == "en" else 10)] += 1.0
+                    rows[layer].append(h)
+    store = ActivationStore(tmp_path / "store", config={"test": "hub"})
+    store.add([it.id for it in items], {f"lm.{layer}.out@last": np.array(rows[layer]) for layer in range(N_LAYERS)})
+    store.mark_complete()
+    unembed = np.zeros((D, 22))  # 22 logits: the model pads its vocabulary beyond the tokenizer's 20
+    unembed[:20, :20] = 8 * np.eye(20)
+
+    def lens(hidden, stack=None, norm=True):
+        assert stack == "lm" and norm is False
+        return torch.as_tensor(np.asarray(hidden) @ unembed)
+
+    st = ResolvedStack(Stack("lm", layers=("lm",)), "lm", N_LAYERS, None, "lm_head", {})
+    session = SimpleNamespace(plugin=SimpleNamespace(name="fake", resolved={"lm": st}, lens_stack="lm",
+                                                     tokenizer=LetterTokenizer()), lens=lens)
+    return Dataset(items), store, session
+
+
+def test_end_to_end(tmp_path):
+    dataset, store, session = _planted(tmp_path)
+    hub = Hub()
+    req = hub.requirements(session, dataset)
+    assert req.sites == ["lm.*.out"] and req.positions == ["last"] and set(req.labels) == {"language", "semantic_id"}
+    result = hub.analyze(session, dataset, {"baseline": store})
+
+    sim = result.arrays["baseline/similarity/en: speech vs text"]  # (layers, [mean, lo, hi])
+    assert sim.shape == (N_LAYERS, 3)
+    for layer in range(N_LAYERS):
+        if layer in HUB_LAYERS:
+            assert sim[layer, 1] > 0.3  # CI clear of zero
+        else:
+            assert abs(sim[layer, 0]) < 0.2
+    assert result.summary["similarity: best layer (mean over comparisons)"] in HUB_LAYERS
+    ci_rows = [r for t in result.tables if "95% CI" in t.title for r in t.rows]
+    assert all(r["matched_cos"] - r["nonmatched_cos"] == pytest.approx(r["score"]) for r in ci_rows)
+    names = {r["comparison"] for r in ci_rows}
+    assert names == {"en: speech vs text", "fr: speech vs text", "speech: fr vs en", "text: fr vs en"}
+
+    p = result.arrays["baseline/language_lens/p_language"]  # (layers, items, [en, fr])
+    assert p.shape == (N_LAYERS, len(dataset), 2)
+    np.testing.assert_allclose(p.sum(-1), 1.0)
+    assert list(result.arrays["token_table/languages"]) == ["en", "fr"]
+    lens_rows = next(t for t in result.tables if t.title.startswith("Lens language")).rows
+    fr_text = {r["layer"]: r for r in lens_rows if r["input_language"] == "fr" and r["modality"] == "text"}
+    assert fr_text[0]["p_input"] > 0.8 and fr_text[0]["p_en"] < 0.2  # early: the input language
+    assert fr_text[2]["p_en"] > 0.8 and fr_text[2]["top_language"] == "en"  # hub layers: English
+    assert result.summary["p(en|h), non-en speech input: peak layer"] in HUB_LAYERS
+    assert {"hub_similarity_baseline", "hub_language_lens_baseline"} <= set(result.figures)
+    assert lalm_probe_analyses() == [Hub]
+
+
+def test_options_and_errors(tmp_path):
+    dataset, store, session = _planted(tmp_path)
+    result = Hub(compare=["language"], pairs="all", language_lens=False, ci="bootstrap").analyze(
+        session, dataset, {"baseline": store, "intervened": store})
+    assert {"baseline/similarity/text: en vs fr", "intervened/similarity/speech: en vs fr"} <= set(result.arrays)
+    assert not any(k.startswith("baseline/language_lens") for k in result.arrays)
+    # the dataset's texts cover en and fr; the built-in sentences fill in a dominant language it lacks
+    texts = Hub(dominant="de").texts(dataset)
+    assert set(texts) == {"en", "fr", "de"} and texts["en"][0] == "aaa"
+    assert set(Hub(corpus="builtin").texts(dataset)) >= {"en", "fr", "de", "zh"}
+    lonely = Dataset([Stimulus(id=f"i{n}", text="ab", labels={"semantic_id": f"s{n}", "language": "en"})
+                      for n in range(3)])
+    s2 = ActivationStore(tmp_path / "s2", config={})
+    s2.add([it.id for it in lonely], {f"lm.{i}.out@last": np.ones((3, D)) for i in range(N_LAYERS)})
+    s2.mark_complete()
+    with pytest.raises(UserError, match="no matched pairs"):
+        Hub(language_lens=False).analyze(session, lonely, {"baseline": s2})
+    with pytest.raises(UserError, match="at least two languages"):
+        Hub(similarity=False, corpus="dataset").analyze(session, lonely, {"baseline": s2})
+    with pytest.raises(UserError):
+        Hub(pairs="some")
