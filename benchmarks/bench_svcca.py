@@ -6,7 +6,8 @@ inverse square roots, and an SVD. The probe side (``svcca.svcca``) reuses each s
 permutations (shuffling rows changes only Σxy). Both run in the same process, alternating, on the same data;
 the scores must agree, and reordering the items identically on both sides must not change them.
 
-Run: ``python benchmarks/bench_svcca.py [--layers 24] [--items 350] [--dims 1024] [--repeats 3] [--threads N]``.
+Run: ``python benchmarks/bench_svcca.py [--layers 24] [--items 350] [--dims 1024] [--repeats 3] [--permutations 5]
+[--threads N]``. On a shared, busy machine pass ``--threads 1``: BLAS thread pools then only add contention.
 """
 
 from __future__ import annotations
@@ -101,7 +102,8 @@ def main() -> None:
     print(f"SVCCA, {args.layers} layers x {args.items} items x {args.dims} dims, variance {VARIANCE}, "
           f"{perms} baseline permutations")
     print(f"  probe : {min(probe_t):7.2f} s (best of {args.repeats})")
-    print(f"  numpy : {min(naive_t):7.2f} s (np.cov + sqrtm" + (", everything redone per permutation)" if perms else ")"))
+    redone = ", everything redone per permutation" if perms else ""
+    print(f"  numpy : {min(naive_t):7.2f} s (np.cov + sqrtm{redone})")
     print(f"  ratio : {min(naive_t) / min(probe_t):7.2f}x faster")
     print(f"  score agreement with the plain implementation: max |diff| = {score_gap:.2e}")
     print(f"  item order: max |diff| after reordering items = {order_gap:.2e}")

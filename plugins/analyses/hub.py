@@ -322,7 +322,8 @@ class Hub(Analysis):
         for start in range(0, len(x), self.chunk):
             logits = session.lens(x[start:start + self.chunk], stack, self.norm)
             logits = logits.detach().float().cpu().numpy() if hasattr(logits, "detach") else np.asarray(logits)
-            out[start:start + self.chunk] = language_given_hidden(logits, p_tok)
+            # an unembedding narrower than the tokenizer cannot predict the extra tokens: drop them from the table
+            out[start:start + self.chunk] = language_given_hidden(logits, p_tok[:logits.shape[-1]])
         return out
 
     def _report_lens(self, result: Result, run: str, items: list, probs: np.ndarray, langs: list[str],

@@ -7,7 +7,8 @@ Algorithm (google/svcca ``cca_core`` + its SVCCA tutorial, re-implemented):
 
 1. SVD step: centre each neuron over items, SVD, keep the smallest k whose share of the variance
    ``cumsum(s²)/sum(s²)`` reaches ``variance`` (0.9 as in the paper). Variance means s² (eigenvalues of the
-   covariance), not s as the tutorial's printout suggests. k is capped below the number of items.
+   covariance), not s as the tutorial's printout suggests. k is capped below the number of items and reported
+   (``k_*`` columns, and its range in the summary).
 2. CCA as in ``cca_core``: covariances, each side rescaled by its largest absolute covariance entry, neurons with
    (rescaled) variance < epsilon dropped, ``Σ + epsilon·I`` (epsilon = 1e-10), inverse square roots from ``eigh``
    (pseudo-inverse cut-off), singular values of ``Σxx^-1/2 Σxy Σyy^-1/2`` = the canonical correlations.
@@ -215,6 +216,8 @@ class SVCCAAnalysis(Analysis):
                 found += self._cross_modal(result, run, index, reader, depth)
             if "language" in self.compare:
                 found += self._cross_lingual(result, run, index, reader, depth)
+            if run == "baseline" and reader.ks:
+                result.summary["SVD step: k kept (min, max)"] = [min(reader.ks), max(reader.ks)]
             if not found:
                 raise UserError("svcca found no pair of groups sharing at least "
                                 f"{self.min_items} semantic ids (speech and text of one language, or two "
@@ -248,8 +251,9 @@ class SVCCAAnalysis(Analysis):
         rows.sort(key=lambda r: (r["language"], r["layer"]))
         for lang, arr in curves.items():
             result.arrays[f"{run}/crossmodal/{lang}"] = arr  # (layers, [svcca, baseline])
-            if run == "baseline":
-                best = int(np.nanargmax(arr[:, 0] - np.nan_to_num(arr[:, 1])))
+            gain = arr[:, 0] - np.nan_to_num(arr[:, 1])
+            if run == "baseline" and np.isfinite(gain).any():
+                best = int(np.nanargmax(gain))
                 result.summary[f"cross-modal {lang}: best layer (svcca - baseline)"] = layer_pairs[best][0]
                 result.summary[f"cross-modal {lang}: svcca / baseline there"] = [arr[best, 0], arr[best, 1]]
         result.tables.append(Table(f"Cross-modal SVCCA per layer (speech vs text) ({run})", rows))
@@ -295,13 +299,13 @@ class SVCCAAnalysis(Analysis):
             result.tables.append(Table(f"Cross-lingual SVCCA per layer and language pair ({modality}) ({run})",
                                        rows, show=False))
             off = ~np.eye(len(langs), dtype=bool)
-            mean_sim = np.array([np.nanmean(sim[layer][off]) for layer in range(n_layers)])
-            mean_base = np.array([np.nanmean(b[off]) if np.isfinite(b[off]).any() else np.nan for b in base])
+            mean_sim, mean_base = _offdiag_mean(sim, off), _offdiag_mean(base, off)
             result.tables.append(Table(f"Cross-lingual SVCCA, mean over language pairs ({modality}) ({run})",
                                        [{"layer": layer, "svcca": mean_sim[layer], "baseline": mean_base[layer]}
                                         for layer in range(n_layers)]))
-            if run == "baseline":
-                best = int(np.nanargmax(mean_sim - np.nan_to_num(mean_base)))
+            gain = mean_sim - np.nan_to_num(mean_base)
+            if run == "baseline" and np.isfinite(gain).any():
+                best = int(np.nanargmax(gain))
                 result.summary[f"cross-lingual {modality}: best layer (mean svcca - baseline)"] = best
                 result.summary[f"cross-lingual {modality}: svcca / baseline there"] = [mean_sim[best],
                                                                                        mean_base[best]]
@@ -311,6 +315,13 @@ class SVCCAAnalysis(Analysis):
             shown = reps.spread_layers(list(range(n_layers)), self.heatmap_layers)
             result.figures[f"svcca_languages_{modality}_{run}"] = _heatmaps(sim, langs, shown, f"{modality}, {run}")
         return found
+
+
+def _offdiag_mean(mats: np.ndarray, off: np.ndarray) -> np.ndarray:
+    """Per layer, the mean over computed language pairs (NaN where none was computed)."""
+    vals = mats[:, off]
+    ok = np.isfinite(vals)
+    return np.where(ok.any(1), np.where(ok, vals, 0).sum(1) / np.maximum(ok.sum(1), 1), np.nan)
 
 
 class _Reader:
@@ -326,6 +337,7 @@ class _Reader:
         self.variance, self.epsilon = variance, epsilon
         self._raw: dict[str, np.ndarray] = {}
         self._reduced: dict[tuple, tuple[np.ndarray, int]] = {}
+        self.ks: list[int] = []  # every k the SVD step kept, for the summary
 
     def clear(self) -> None:
         self._raw.clear()
@@ -339,6 +351,7 @@ class _Reader:
                 self._raw[site] = reps.load_layer(self.store, site, self.position, self.ids)
             r = svd_reduce(self._raw[site][[self.row[i] for i in ids]], self.variance)
             self._reduced[key] = (whiten(r, self.epsilon), r.shape[1])
+            self.ks.append(r.shape[1])
         return self._reduced[key]
 
     def compare(self, a: tuple[str, int, list[str]], b: tuple[str, int, list[str]], permutations: int,

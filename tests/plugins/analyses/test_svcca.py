@@ -210,3 +210,16 @@ def test_no_pairs_is_a_user_error(tmp_path):
         SVCCAAnalysis().analyze(_session({"lm": 2}), Dataset(items), {"baseline": store})
     with pytest.raises(UserError, match="variance"):
         SVCCAAnalysis(variance=1.5)
+
+
+def test_a_constant_layer_reports_nan_instead_of_failing(tmp_path):
+    rng = np.random.default_rng(8)
+    items = [Stimulus(id=f"s{n}-{mod}", text="x", labels={"semantic_id": f"s{n}", "language": "en", "modality": mod})
+             for n in range(8) for mod in ("speech", "text")]
+    store = ActivationStore(tmp_path / "s", config={})
+    store.add([it.id for it in items], {"lm.0.out@mean": np.ones((16, 4)), "lm.1.out@mean": rng.normal(size=(16, 4))})
+    store.mark_complete()
+    result = SVCCAAnalysis(baseline_permutations=1).analyze(_session({"lm": 2}), Dataset(items), {"baseline": store})
+    rows = result.tables[0].rows
+    assert np.isnan(rows[0]["svcca"]) and rows[0]["k_speech"] == 0 and np.isfinite(rows[1]["svcca"])
+    assert result.summary["cross-modal en: best layer (svcca - baseline)"] == 1
