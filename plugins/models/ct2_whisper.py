@@ -86,7 +86,7 @@ class _Cursor:
         return self.data[self.pos - n:self.pos]
 
     def uint(self, fmt: str) -> int:
-        return struct.unpack("<" + fmt, self.take(struct.calcsize(fmt)))[0]
+        return struct.unpack("<" + fmt, self.take(struct.calcsize("<" + fmt)))[0]
 
     def string(self) -> str:
         raw = bytes(self.take(self.uint("H")))
@@ -145,9 +145,6 @@ class _Weights:
     def __init__(self, ckpt: Ct2ModelBin, path: Path) -> None:
         self.vars, self.aliases, self.path, self.used = ckpt.variables, ckpt.aliases, path, set()
 
-    def has(self, name: str) -> bool:
-        return name in self.vars or name in self.aliases
-
     def get(self, name: str) -> torch.Tensor:
         target = self.aliases.get(name, name)
         if target not in self.vars:
@@ -185,7 +182,8 @@ def _attention(w: _Weights, src: str, dst: str, fused: bool, kv_only: bool = Fal
     return out
 
 
-def _linear(w: _Weights, src: str, dst: str, bias_name: str = "bias", weight_name: str = "weight") -> dict:
+def _linear(w: _Weights, src: str, dst: str, bias_name: str = "bias",
+            weight_name: str = "weight") -> dict[str, torch.Tensor]:
     return {f"{dst}.weight": w.get(f"{src}/{weight_name}"), f"{dst}.bias": w.get(f"{src}/{bias_name}")}
 
 
@@ -259,8 +257,14 @@ def _generation_config(special: dict[str, int], ct2_config: dict, vocab_size: in
     if ct2_config.get("alignment_heads"):
         gen.alignment_heads = [list(pair) for pair in ct2_config["alignment_heads"]]
     if multilingual:  # English-only models must not get language/task tokens (HF would detect language)
+        if "<|transcribe|>" not in special or "<|translate|>" not in special:
+            raise UserError("The multilingual tokenizer.json lacks the <|transcribe|>/<|translate|> tokens.")
         gen.lang_to_id = {t: i for t, i in special.items() if t[2:-2] in LANGUAGES}
         gen.task_to_id = {task: special[f"<|{task}|>"] for task in ("transcribe", "translate")}
+        # Without a default task, generate() with language detection prompts <|sot|><|xx|><|notimestamps|>
+        # (no <|transcribe|>), and Whisper then loops ("the the the ..."). The official configs get the
+        # same effect from forced_decoder_ids=[[1, None], [2, <|transcribe|>]].
+        gen.task = "transcribe"
     gen._from_model_config = False  # keep the custom keys when the config is saved and reloaded
     return gen
 
@@ -392,12 +396,14 @@ def load_ct2_whisper(
     return model.eval(), processor
 
 
-def _dist_files(dist_name: str) -> list[Path] | None:
+def _installed(dist_name: str) -> tuple[str, list[Path]] | None:
+    """Version and installed files of a distribution, or None when it is not installed."""
     try:
         dist = importlib.metadata.distribution(dist_name)
     except importlib.metadata.PackageNotFoundError:
         return None
-    return [Path(dist.locate_file(f)) for f in dist.files or [] if ".dist-info" not in str(f)]
+    files = [Path(dist.locate_file(f)) for f in dist.files or [] if ".dist-info" not in str(f)]
+    return dist.version, [f for f in files if f.is_file()]
 
 
 def _assemble(parts: list[Path], extras: dict[str, Path], out: Path) -> Path:
@@ -431,10 +437,10 @@ def find_offline_whisper(size: str = "base", cache_dir: str | os.PathLike | None
         raise UserError(f"No offline Whisper package is known for size '{size}'. "
                         f"Known sizes: {', '.join(OFFLINE_PACKAGES)}.")
     for dist_names in OFFLINE_PACKAGES[size]:
-        listed = [_dist_files(name) for name in dist_names]
-        if any(files is None for files in listed):
+        installed = [_installed(name) for name in dist_names]
+        if any(found is None for found in installed):
             continue
-        files = [f for files in listed for f in files if f.is_file()]
+        files = [f for _, dist_files in installed for f in dist_files]
         whole = [f for f in files if f.name == "model.bin"]
         if whole and is_ct2_whisper_dir(whole[0].parent):
             return whole[0].parent
@@ -443,9 +449,9 @@ def find_offline_whisper(size: str = "base", cache_dir: str | os.PathLike | None
         extras = {f.name: f for f in files if f.name in _CHECKPOINT_FILES}
         if not parts or "tokenizer.json" not in extras:
             continue
-        versions = "-".join(f"{n}-{importlib.metadata.version(n)}" for n in dist_names)
+        label = "-".join(f"{name}-{found[0]}" for name, found in zip(dist_names, installed))
         root = Path(cache_dir) if cache_dir is not None else default_cache_root()
-        out = _assemble(parts, extras, root / "ct2-whisper-src" / versions)
+        out = _assemble(parts, extras, root / "ct2-whisper-src" / label)
         if is_ct2_whisper_dir(out):
             return out
     return None
