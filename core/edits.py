@@ -32,9 +32,15 @@ def edit_function(edit: Edit, site: Site, prepared: Prepared, ids: Sequence[str]
     rows = [r[site.stack] for r in prepared.rows]
     targets = _targets(edit, rows, ids)
 
+    follows_generation = check_position(edit.positions) in ("last", "all")
+
     def where(out: torch.Tensor, state: dict) -> list[tuple[int, int]]:
-        # During generation with a KV cache, later steps see only the newest position.
-        return [(out.shape[1] - 1, out.shape[1])] * out.shape[0] if state.get("step", 0) > 0 else targets
+        # During generation with a KV cache, later steps compute only the newest position: it is the 'last'
+        # position and part of 'all'; a span or token:i lies in the prompt and is not touched again.
+        if state.get("step", 1) <= 1:
+            return targets
+        new = (out.shape[1] - 1, out.shape[1]) if follows_generation else (0, 0)
+        return [new] * out.shape[0]
 
     if edit.op == "add":
         vector = None if edit.value is None else torch.as_tensor(edit.value)

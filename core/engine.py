@@ -7,21 +7,49 @@ with every read and edit in execution order, reduces on the model's device, and 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from .data import Dataset, Stimulus, load_audio
 from .errors import UserError
 from .model import ModelPlugin, Prepared, Prompt
 from .plugin import Edit
 from .progress import progress_bar
-from .sites import Reducer, Site, check_position, parse_sites
+from .sites import Reducer, Site, check_position, parse_sites, step_of
 from .store import ActivationStore
 from .tracing import Op, Tracer
 
 PromptFn = Callable[[Stimulus], Prompt]
+
+
+@dataclass
+class Generation:
+    """What one generated batch gave: reads (``site@position`` -> one row per item), token ids, decoded outputs."""
+
+    reads: dict[str, torch.Tensor]
+    sequences: torch.Tensor
+    outputs: list[dict[str, Any]]
+
+
+class ForcePrefix(LogitsProcessor):
+    """Makes greedy decoding emit given tokens first, so activations match teacher forcing on that prefix."""
+
+    def __init__(self, targets: Sequence[Sequence[int]]) -> None:
+        self.targets = targets
+        self.calls = 0
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        k, self.calls = self.calls, self.calls + 1
+        scores = scores.clone()
+        for b, target in enumerate(self.targets):
+            if k < len(target):
+                scores[b] = float("-inf")
+                scores[b, target[k]] = 0.0
+        return scores
 
 
 class Session:
@@ -38,19 +66,25 @@ class Session:
         prompt_fn = prompt_fn or self.plugin.default_prompt
         audio = [load_audio(it, self.plugin.sample_rate) if it.has_audio else None for it in items]
         prepared = self.plugin.prepare(items, audio, [prompt_fn(it) for it in items])
-        device = self.plugin.device
-        prepared.inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in prepared.inputs.items()}
+        prepared.inputs = self._to_device(prepared.inputs)
+        if prepared.generate_inputs is not None:
+            prepared.generate_inputs = self._to_device(prepared.generate_inputs)
         return prepared
 
     def batches(self, items: Sequence[Stimulus], batch_size: int, prompt_fn: PromptFn | None = None,
                 description: str = "Collecting") -> Iterator[tuple[list[Stimulus], Prepared]]:
+        """Batches of items that share the plugin's batch key (speech and text never mix), in first-seen order."""
         if batch_size < 1:
             raise UserError(f"--batch-size must be at least 1, got {batch_size}.")
+        groups: dict[Any, list[Stimulus]] = {}
+        for it in items:
+            groups.setdefault(self.plugin.batch_key(it), []).append(it)
         with progress_bar(description, total=len(items)) as advance:
-            for start in range(0, len(items), batch_size):
-                chunk = list(items[start:start + batch_size])
-                yield chunk, self.prepare(chunk, prompt_fn)
-                advance(len(chunk))
+            for group in groups.values():
+                for start in range(0, len(group), batch_size):
+                    chunk = group[start:start + batch_size]
+                    yield chunk, self.prepare(chunk, prompt_fn)
+                    advance(len(chunk))
 
     # ---- planning ---------------------------------------------------------------------------------
     def sites(self, patterns: Sequence[str]) -> list[Site]:
@@ -64,7 +98,11 @@ class Session:
         return self._order
 
     def _reducer(self, site: Site, selector: str, prepared: Prepared, ids: Sequence[str]) -> Callable:
-        """A function from a site output to one value per row, built lazily once the time length is known."""
+        """A function from a site output to one value per row, built lazily once the time length is known.
+
+        For ``step:<t>`` / ``prefix:<t>`` it is called at every decode step up to t: step 1 sees the whole prompt
+        (padded), later steps only the new position; ``prefix`` keeps a running sum over valid positions.
+        """
         rows = []
         for r, rid in zip(prepared.rows, ids):
             if site.stack not in r:
@@ -72,27 +110,48 @@ class Session:
                                 f"so site '{site}' cannot be read for it.")
             rows.append(r[site.stack])
         batch_rows = [p.row if p.row is not None else b for b, p in enumerate(rows)]
+        step = step_of(selector)
+        if step is not None and self.plugin.resolved[site.stack].spec.runs != "per_step":
+            raise UserError(f"Position '{selector}' needs a stack that runs at every decode step; "
+                            f"'{site.stack}' runs once per input (read it with last, mean or a span).")
+        first = ("mean" if step[1] else "last") if step else selector
         cache: dict[int, Reducer] = {}
+        running: dict[str, Any] = {}
 
         def reduce(out: torch.Tensor, state: dict) -> Any:
-            if state.get("step", 0) > 0 and self.plugin.resolved[site.stack].spec.runs == "per_step":
-                return out[:, -1]  # with a KV cache each later step sees only the new position
+            now = state.get("step", 1)
+            if now > 1:  # with a KV cache each later step computes only the new position
+                new = out[:, -1]
+                if step is None or not step[1]:
+                    return new
+                running["sum"] = running["sum"] + new.float()
+                running["count"] = running["count"] + 1
+                return (running["sum"] / running["count"][:, None]).to(out.dtype)
             out = out[batch_rows] if batch_rows != list(range(out.shape[0])) else out
             if out.shape[1] not in cache:
-                cache[out.shape[1]] = Reducer(selector, rows, ids, out.shape[1])
-            return cache[out.shape[1]](out)
+                cache[out.shape[1]] = Reducer(first, rows, ids, out.shape[1])
+            value = cache[out.shape[1]](out)
+            if step is not None and step[1]:
+                count = torch.tensor([float(p.length) for p in rows], device=out.device)
+                running.update(sum=value.float() * count[:, None], count=count)
+            return value
 
         return reduce
 
     def plan(self, prepared: Prepared, ids: Sequence[str], reads: Sequence[tuple[Site, str]],
-             edits: Sequence[Edit] = (), read_steps: Sequence[int] | None = None) -> list[Op]:
-        """Turn reads and edits into ops ordered as the model executes them (edits before reads per module)."""
+             edits: Sequence[Edit] = ()) -> list[Op]:
+        """Turn reads and edits into ops ordered as the model executes them (edits before reads per module).
+
+        During generation a plain read runs at step 1 (the prompt pass), ``step:t`` at step t and ``prefix:t``
+        at steps 1..t.
+        """
         stacks = self.plugin.resolved
         ops: list[Op] = []
         for site, sel in reads:
             fn = self._reducer(site, sel, prepared, ids)
-            ops.append(Op(site.module_path(stacks), "read", lambda out, st, fn=fn: fn(out, st),
-                          key=f"{site}@{sel}", steps=read_steps))
+            step = step_of(sel)
+            steps = [1] if step is None else ([step[0]] if not step[1] else list(range(1, step[0] + 1)))
+            ops.append(Op(site.module_path(stacks), "read", fn, key=f"{site}@{sel}", steps=steps))
         for n, edit in enumerate(edits):
             ops.extend(self._edit_ops(edit, prepared, ids, n))
         order = self._orders(prepared, [op.module for op in ops])
@@ -129,37 +188,99 @@ class Session:
 
     def collect(self, dataset: Dataset, sites: Sequence[str], positions: Sequence[str], store: ActivationStore,
                 batch_size: int = 8, edits: Sequence[Edit] = (), prompt_fn: PromptFn | None = None,
-                shard_rows: int = 256, description: str = "Collecting") -> ActivationStore:
-        """Stream reduced activations for every item into ``store``, skipping ids it already holds."""
+                shard_rows: int = 256, description: str = "Collecting",
+                force_target: str | None = None) -> ActivationStore:
+        """Stream reduced activations for every item into ``store``, skipping ids it already holds.
+
+        Sites on a stack an item never reaches (a speech encoder for a text item) are skipped for that item.
+        With ``step:``/``prefix:`` positions each batch is decoded (greedily, or forcing the text in the label
+        ``force_target``) and read during generation; otherwise one forward pass per batch.
+        """
         if "all" in positions:
             raise UserError("Position 'all' has a different length per item and cannot be stored; "
                             "use last, mean, a span or token:<i>.")
         reads = [(s, check_position(p)) for s in self.sites(sites) for p in positions]
+        steps = max((step_of(sel)[0] for _, sel in reads if step_of(sel)), default=0)
         done = store.stored_ids()
         todo = [it for it in dataset if it.id not in done]
         for chunk, prepared in self.batches(todo, batch_size, prompt_fn, description):
             ids = [it.id for it in chunk]
-            values = self.tracer.run(prepared.inputs, self.plan(prepared, ids, reads, edits))
+            batch_reads = self._batch_reads(reads, prepared, ids)
+            if steps:
+                values = self._generate(chunk, prepared, batch_reads, edits, steps, force_target).reads
+            else:
+                values = self.tracer.run(prepared.inputs, self.plan(prepared, ids, batch_reads, edits))
             store.add(ids, {k: v.float().cpu().numpy() for k, v in values.items()})
             if store.buffered >= shard_rows:
                 store.flush()
         store.mark_complete()
         return store
 
+    def _batch_reads(self, reads: Sequence[tuple[Site, str]], prepared: Prepared,
+                     ids: Sequence[str]) -> list[tuple[Site, str]]:
+        """Drop reads of stacks no row of this batch passes through; a stack only some rows reach is an error."""
+        out = []
+        for site, sel in reads:
+            have = [site.stack in r for r in prepared.rows]
+            if all(have):
+                out.append((site, sel))
+            elif any(have):
+                rid = ids[have.index(False)]
+                raise UserError(f"Item '{rid}' does not pass through '{site.stack}' but others in its batch do; "
+                                f"the model plugin's batch_key must keep them apart.")
+        return out
+
     def generate(self, items: Sequence[Stimulus], max_new_tokens: int, sites: Sequence[str] = (),
                  positions: Sequence[str] = ("last",), edits: Sequence[Edit] = (),
-                 prompt_fn: PromptFn | None = None, **gen_kwargs: Any) -> tuple[dict[str, list], Any]:
-        """Generate exactly ``max_new_tokens`` tokens, reading sites at every step and applying step-scoped edits.
+                 prompt_fn: PromptFn | None = None, force_target: str | None = None,
+                 **gen_kwargs: Any) -> "Generation":
+        """Generate exactly ``max_new_tokens`` tokens for one batch, reading sites and applying step-scoped edits.
 
-        Reads of per-step stacks return one entry per step (step 0 = the prompt pass); encoder stacks run once.
+        Plain positions are read at step 1 (the prompt pass); ``step:t``/``prefix:t`` at decode step t.
         """
-        prepared = self.prepare(items, prompt_fn)
-        ids = [it.id for it in items]
+        if len({self.plugin.batch_key(it) for it in items}) > 1:
+            raise UserError("generate takes one batch: items must share their modality (use Session.batches).")
         reads = [(s, check_position(p)) for s in self.sites(sites) for p in positions]
-        ops = self.plan(prepared, ids, reads, edits)
+        prepared = self.prepare(items, prompt_fn)
+        return self._generate(items, prepared, reads, edits, max_new_tokens, force_target, **gen_kwargs)
+
+    def _generate(self, items: Sequence[Stimulus], prepared: Prepared, reads: Sequence[tuple[Site, str]],
+                  edits: Sequence[Edit], max_new_tokens: int, force_target: str | None,
+                  **gen_kwargs: Any) -> "Generation":
+        ids = [it.id for it in items]
+        steps = max((step_of(sel)[0] for _, sel in reads if step_of(sel)), default=1)
+        if max_new_tokens < steps:
+            raise UserError(f"Reading decode step {steps} needs at least {steps} new tokens, not {max_new_tokens}.")
+        paths = [s.module_path(self.plugin.resolved) for s, _ in reads] + [
+            self.sites([e.site])[0].module_path(self.plugin.resolved) for e in edits]
+        self._orders(prepared, paths)  # execution order comes from a forward pass on the forward inputs
+        gen = self.plugin.generation_inputs(prepared)
+        gen.inputs = self._to_device(gen.inputs)
+        ops = self.plan(gen, ids, reads, edits)
         once = {op.module for op in ops if self._stack_of(op.module) == "once"}
         kwargs = {**self.plugin.generate_kwargs(), **gen_kwargs}
-        return self.tracer.generate(prepared.inputs, ops, max_new_tokens, once, **kwargs)
+        if force_target:
+            kwargs["logits_processor"] = LogitsProcessorList([ForcePrefix(self._targets(items, force_target, steps))])
+        values, result = self.tracer.generate(gen.inputs, ops, max_new_tokens, once, **kwargs)
+        sequences = getattr(result, "sequences", result)
+        return Generation(values, sequences, self.plugin.decode_outputs(sequences, gen))
+
+    def _targets(self, items: Sequence[Stimulus], key: str, steps: int) -> list[list[int]]:
+        """Token ids of each item's target text; step t needs t-1 forced tokens before it."""
+        out = []
+        for it in items:
+            if key not in it.labels:
+                raise UserError(f"Item '{it.id}' has no label '{key}' to force as the decoded target.")
+            ids = self.plugin.target_ids(str(it.labels[key]))
+            if len(ids) < steps - 1:
+                raise UserError(f"Item '{it.id}': its target '{key}' has {len(ids)} tokens, but reading decode "
+                                f"step {steps} needs a forced prefix of {steps - 1}.")
+            out.append(ids)
+        return out
+
+    def _to_device(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        device = self.plugin.device
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
     def _stack_of(self, module: str) -> str:
         for st in self.plugin.resolved.values():

@@ -56,6 +56,7 @@ class Prepared:
 
     inputs: dict[str, Any]
     rows: list[dict[str, Positions]]
+    generate_inputs: dict[str, Any] | None = None  # for ``model.generate`` when they differ (decoder prompt, tgt_lang)
 
 
 @dataclass
@@ -133,12 +134,30 @@ class ModelPlugin:
     stacks: ClassVar[tuple[Stack, ...]] = ()
     lens_stack: ClassVar[str | None] = None  # the stack whose outputs the logit lens projects
     padding_side: ClassVar[str] = "left"
+    modalities: ClassVar[tuple[str, ...]] = ("speech", "text")  # what an item may be made of
+    # Run-time options (``--model whisper:language=en``) and their defaults; the default's type is the option's.
+    option_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, model: torch.nn.Module, processor: Any, checkpoint: str) -> None:
         self.model = model.eval()
         self.processor = processor
         self.checkpoint = checkpoint
         self.resolved = resolve_stacks(model, self.stacks, self.name)
+        self.options: dict[str, Any] = dict(self.option_defaults)
+
+    def configure(self, **options: Any) -> "ModelPlugin":
+        """Set run-time options, coerced to the type of their defaults; unknown names are refused."""
+        from .spec import coerce_value
+
+        unknown = sorted(set(options) - set(self.option_defaults))
+        if unknown:
+            raise UserError(f"Model '{self.name}': unknown option(s) {unknown}; valid: "
+                            f"{', '.join(self.option_defaults) or 'none'}.")
+        for key, value in options.items():
+            default = self.option_defaults[key]
+            tp = str if default is None else type(default)
+            self.options[key] = coerce_value(value, tp | None, f"model '{self.name}' option '{key}'")
+        return self
 
     # ---- hooks a plugin implements -------------------------------------------------------------------
     @classmethod
@@ -155,6 +174,38 @@ class ModelPlugin:
     def generate_kwargs(self) -> dict[str, Any]:
         """Extra keyword arguments for ``model.generate`` (greedy by default, so runs are reproducible)."""
         return {"do_sample": False, "num_beams": 1}
+
+    def decode_outputs(self, sequences: torch.Tensor, prepared: Prepared) -> list[dict[str, Any]]:
+        """One ``{"output": text, ...}`` per row from ``generate``'s sequences (prompt removed).
+
+        Decoder-only models return prompt + new tokens; encoder-decoders override this when they differ.
+        """
+        ids = (prepared.generate_inputs or prepared.inputs).get("input_ids")
+        start = ids.shape[1] if ids is not None and sequences.shape[1] > ids.shape[1] else 0
+        texts = self.tokenizer.batch_decode(sequences[:, start:], skip_special_tokens=True)
+        return [{"output": t.strip()} for t in texts]
+
+    def label_words(self, key: str) -> dict[str, str] | None:
+        """How this model spells label values as tokens (Whisper: language ``de`` -> ``<|de|>``), if it has a way."""
+        return None
+
+    def batch_key(self, item: Stimulus) -> Any:
+        """Items with different keys never share a batch (speech and text take different encoders)."""
+        return "speech" if item.has_audio else "text"
+
+    def generation_inputs(self, prepared: Prepared) -> Prepared:
+        """The batch as ``generate`` takes it; its rows say where the decoder prompt sits on per-step stacks."""
+        if prepared.generate_inputs is None:
+            return prepared
+        return Prepared(prepared.generate_inputs, prepared.rows)
+
+    def target_ids(self, text: str) -> list[int]:
+        """Token ids of a target text to force as the decoded prefix (no special tokens)."""
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def accepts(self, item: Stimulus) -> bool:
+        """Whether the item is made of something this model takes (speech, text)."""
+        return ("speech" if item.has_audio else "text") in self.modalities
 
     # ---- derived helpers ----------------------------------------------------------------------------
     @property

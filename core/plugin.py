@@ -29,7 +29,9 @@ class Edit:
     - ``set``: output[positions][..., units] = value (one value per unit);
     - ``block_attention``: in the attention module ``site`` (e.g. ``lm.3.attn``), the query at ``positions``
       may not attend to the keys in the span ``keys``.
-    ``steps``: decode steps it applies at during generation (None: every step); step 0 is the prompt pass.
+    ``steps``: decode steps it applies at during generation (None: every step); step 1 is the prompt pass.
+    At later steps only the newly generated position is computed, so an edit there applies to it when
+    ``positions`` is ``last`` or ``all`` (seed 002's forcing at every generated position) and is skipped otherwise.
     """
 
     site: str
@@ -50,6 +52,7 @@ class Requirements:
     sites: list[str]
     positions: list[str] = field(default_factory=lambda: ["last"])
     labels: list[str] = field(default_factory=list)
+    force_target: str | None = None  # label key whose text is forced as the decoded prefix for step:/prefix: reads
 
 
 class Intervention:

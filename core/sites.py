@@ -7,7 +7,10 @@ from each row's metadata, never by counting from the left of a padded batch:
 - ``last``: the last valid position; ``mean``: mean over valid positions;
 - ``audio`` / ``text`` (or any span the plugin reports): mean over that span;
 - ``token:<i>``: the i-th valid position, negative counts from the end (``token:-2`` is the penultimate);
-- ``all``: every valid position (variable length; for live use, not for the store).
+- ``all``: every valid position (variable length; for live use, not for the store);
+- ``step:<t>``: during generation, the current position at decode step t (step 1 is the prompt pass, which
+  predicts the first new token; seed 002's definition); ``prefix:<t>``: the mean over every decoder position
+  up to and including that one (what seed 002's released code pools). Only for stacks that run per step.
 """
 
 from __future__ import annotations
@@ -68,9 +71,23 @@ def _layer_index(pat: str, text: str, n: int) -> int:
     return i % n
 
 
+def step_of(selector: str) -> tuple[int, bool] | None:
+    """``(t, pooled)`` for ``step:<t>`` / ``prefix:<t>`` selectors, None for positions in one forward pass."""
+    kind, _, num = selector.partition(":")
+    if kind not in ("step", "prefix"):
+        return None
+    return int(num), kind == "prefix"
+
+
 def check_position(selector: str) -> str:
     """Validate a selector's syntax early, before any model runs."""
     if selector in ("last", "mean", "all"):
+        return selector
+    if selector.startswith(("step:", "prefix:")):
+        num = selector.split(":", 1)[1]
+        if not num.isdigit() or int(num) < 1:
+            raise UserError(f"Position '{selector}': decode steps are numbered from 1 (the prompt pass), "
+                            f"e.g. step:1 or prefix:6.")
         return selector
     if selector.startswith("token:"):
         try:
@@ -80,7 +97,8 @@ def check_position(selector: str) -> str:
         return selector
     if selector.replace("_", "").isalnum():
         return selector  # a span name; checked per row
-    raise UserError(f"Unknown position '{selector}'. Use last, mean, all, token:<i> or a span name (audio, text).")
+    raise UserError(f"Unknown position '{selector}'. Use last, mean, all, token:<i>, step:<t>, prefix:<t> "
+                    "or a span name (audio, text).")
 
 
 def _row_range(pos: Positions, selector: str, row_id: str) -> tuple[int, int] | int:

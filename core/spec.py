@@ -57,7 +57,8 @@ def _split_top(text: str) -> list[str]:
     return parts
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
+def coerce_value(value: Any, tp: Any, where: str) -> Any:
+    """Turn a command-line string (or JSON value) into the declared type, with a clear error."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -66,7 +67,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         errors = []
         for a in args:
             try:
-                return _coerce(value, a, where)
+                return coerce_value(value, a, where)
             except UserError as exc:
                 errors.append(str(exc))
         raise UserError(errors[-1])
@@ -74,7 +75,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         (inner, *_) = typing.get_args(tp) or (str,)
         if isinstance(value, str):
             value = [v for v in value.strip("[]").replace(";", ",").split(",") if v.strip()]
-        return [_coerce(v, inner, where) for v in value]
+        return [coerce_value(v, inner, where) for v in value]
     if origin is dict or tp is dict:
         if isinstance(value, str):
             try:
@@ -108,7 +109,7 @@ def build_params(cls: type, params: dict[str, Any], what: str) -> Any:
     unknown = set(params) - set(fields)
     if unknown:
         raise UserError(f"{what}: unknown parameter(s) {sorted(unknown)}; valid: {', '.join(fields) or 'none'}.")
-    kwargs = {k: _coerce(v, hints[k], f"{what} parameter '{k}'") for k, v in params.items()}
+    kwargs = {k: coerce_value(v, hints[k], f"{what} parameter '{k}'") for k, v in params.items()}
     try:
         return cls(**kwargs)
     except TypeError as exc:

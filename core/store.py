@@ -74,7 +74,10 @@ class ActivationStore:
         return {i for shard in self.manifest["shards"] for i in shard["ids"]}
 
     def add(self, ids: Sequence[str], arrays: dict[str, np.ndarray]) -> None:
-        """Buffer rows; ``flush`` writes them as one shard."""
+        """Buffer rows; ``flush`` writes them as one shard (rows with other keys, e.g. text items without
+        speech-encoder sites, start a new shard)."""
+        if self._buffer_ids and set(arrays) != set(self._buffer):
+            self.flush()
         for key, arr in arrays.items():
             if len(arr) != len(ids):
                 raise ValueError(f"{key}: {len(arr)} rows for {len(ids)} ids")
@@ -111,21 +114,30 @@ class ActivationStore:
              ) -> tuple[list[str], dict[str, np.ndarray]]:
         """Read rows back as ``(ids, {key: array})``; ``order`` (a list of ids) fixes the row order."""
         wanted = list(keys) if keys is not None else self.keys()
+        missing_keys = [k for k in wanted if k not in self.keys()]
+        if missing_keys:
+            raise UserError(f"The activation store has no '{missing_keys[0]}'; it holds: {', '.join(self.keys())}.")
         ids: list[str] = []
         parts: dict[str, list[np.ndarray]] = {k: [] for k in wanted}
         for shard in self.manifest["shards"]:
+            present = [k for k in wanted if k in shard["keys"]]
+            if not present:
+                continue  # rows of another kind (e.g. text items when speech-encoder keys are asked for)
+            if len(present) < len(wanted):
+                absent = next(k for k in wanted if k not in shard["keys"])
+                raise UserError(f"Items such as '{shard['ids'][0]}' have no '{absent}' (their inputs never reach "
+                                f"that site), so it cannot be loaded together with '{present[0]}'.")
             with np.load(self.root / shard["file"]) as data:
                 ids.extend(str(i) for i in data["ids"])
                 for k in wanted:
-                    if k not in shard["keys"]:
-                        raise UserError(f"The activation store has no '{k}'; it holds: {', '.join(self.keys())}.")
                     parts[k].append(data[shard["keys"][k]])
         arrays = {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in parts.items()}
         if order is not None:
             where = {i: n for n, i in enumerate(ids)}
             missing = [i for i in order if i not in where]
             if missing:
-                raise UserError(f"The activation store lacks {len(missing)} items, e.g. '{missing[0]}'.")
+                raise UserError(f"The activation store lacks {len(missing)} of the requested items for "
+                                f"{wanted[0] if wanted else 'these keys'}, e.g. '{missing[0]}'.")
             idx = np.array([where[i] for i in order], dtype=int)
             arrays = {k: v[idx] for k, v in arrays.items()}
             ids = list(order)

@@ -27,7 +27,7 @@ class Op:
     ``kind``: ``read`` saves ``fn(output, state)`` under ``key``; ``edit`` replaces the output by
     ``fn(output, state)``; ``edit_input`` replaces ``(args, kwargs)`` by ``fn(args, kwargs, state)``.
     ``state`` is shared by all ops of a trace (edits can use earlier reads) and holds ``step`` during generation.
-    ``steps``: decode steps the op runs at during generation (None: every step); step 0 is the prompt pass.
+    ``steps``: decode steps the op runs at during generation (None: every step); step 1 is the prompt pass.
     """
 
     module: str
@@ -104,29 +104,31 @@ class Tracer:
         return {op.key: state[op.key] for op in ops if op.kind == "read"}
 
     def generate(self, inputs: dict[str, Any], ops: Sequence[Op], max_new_tokens: int,
-                 once_paths: set[str], **gen_kwargs: Any) -> tuple[dict[str, list[torch.Tensor]], Any]:
+                 once_paths: set[str], **gen_kwargs: Any) -> tuple[dict[str, torch.Tensor], Any]:
         """Run ``generate`` for exactly ``max_new_tokens`` steps, applying step-scoped ops at each step.
 
-        Ops on modules in ``once_paths`` (encoders, which run once per input) are applied at step 0 only;
-        reads are returned per step as lists (one entry per step the op ran at).
+        Steps are numbered from 1 (the prompt pass, which predicts the first new token). Ops on modules in
+        ``once_paths`` (encoders, which run once per input) are applied at step 1 only. Each read returns the
+        value from the last step it ran at (a read that pools over steps keeps its own running state).
         """
         ops = sorted(ops, key=lambda o: o.order)
-        reads: dict[str, list[torch.Tensor]] = {op.key: [] for op in ops if op.kind == "read"}
+        reads: dict[str, torch.Tensor] = {}
         result: dict[str, Any] = {}
         with torch.no_grad():
             with self.envoy.trace(**inputs, fn=self.model.generate, max_new_tokens=max_new_tokens,
                                   min_new_tokens=max_new_tokens, **gen_kwargs) as tracer:
-                for step in tracer.iter[0:max_new_tokens]:
+                for index in tracer.iter[0:max_new_tokens]:
+                    step = index + 1
                     state: dict[str, Any] = {"step": step}
                     for op in ops:
                         if op.module in once_paths:
-                            if step != 0:
+                            if step != 1:
                                 continue
                         elif op.steps is not None and step not in op.steps:
                             continue
                         _apply(self._env(op.module), op, state)
                         if op.kind == "read":
-                            reads[op.key].append(state[op.key])
+                            reads[op.key] = state[op.key]
                 result["output"] = tracer.result.save()
         return reads, result["output"]
 

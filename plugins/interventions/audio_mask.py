@@ -35,7 +35,7 @@ class AudioMask(Intervention):
             raise UserError(f"audio-mask: stack '{stack}' has no '{self.component}' component.")
         layers = self.layers if self.layers is not None else range(st.num_layers)
         return [Edit(site=f"{stack}.{layer}.{self.component}", op="block_attention", positions=self.position,
-                     keys=self.span, steps=[0]) for layer in layers]
+                     keys=self.span, steps=[1]) for layer in layers]
 
 
 @hookimpl

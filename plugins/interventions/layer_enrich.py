@@ -89,7 +89,7 @@ class LayerEnrich(Intervention):
         if self.layer is None:
             raise UserError("layer-enrich: no layer chosen (prepare() was not run).")
         return [Edit(site=f"{stack}.{self.layer + self.gap}.out", op="add", positions=self.position,
-                     source=f"{stack}.{self.layer}.out@{self.position}", scale=self.scale, steps=[0])]
+                     source=f"{stack}.{self.layer}.out@{self.position}", scale=self.scale, steps=[1])]
 
 
 @hookimpl

@@ -120,30 +120,69 @@ def test_block_attention_changes_only_the_masked_query(qwen_session):
 def test_step_scoped_edit_leaves_earlier_steps_unchanged(qwen_session):
     items = dataset(2).items
     n = 4
-    clean, clean_ids = qwen_session.generate(items, n, ["lm.7.out"], ["last"])
+    positions = [f"step:{t}" for t in range(1, n + 1)]
+    clean = qwen_session.generate(items, n, ["lm.7.out"], positions)
     vec = 50 * torch.ones(qwen_session.plugin.model.config.text_config.hidden_size)
-    edited, edited_ids = qwen_session.generate(items, n, ["lm.7.out"], ["last"], edits=[
-        Edit(site="lm.7.out", op="add", positions="last", value=vec, steps=[2])])
-    key = "lm.7.out@last"
-    assert len(clean[key]) == len(edited[key]) == n
-    for step in range(2):
-        torch.testing.assert_close(edited[key][step], clean[key][step])
-    torch.testing.assert_close(edited[key][2], clean[key][2] + 50)
-    assert clean_ids.shape == edited_ids.shape
+    edited = qwen_session.generate(items, n, ["lm.7.out"], positions, edits=[
+        Edit(site="lm.7.out", op="add", positions="last", value=vec, steps=[3])])
+    for t in (1, 2):
+        torch.testing.assert_close(edited.reads[f"lm.7.out@step:{t}"], clean.reads[f"lm.7.out@step:{t}"])
+    torch.testing.assert_close(edited.reads["lm.7.out@step:3"], clean.reads["lm.7.out@step:3"] + 50)
     prompt_len = qwen_session.prepare(items).inputs["input_ids"].shape[1]
-    torch.testing.assert_close(edited_ids[:, : prompt_len + 2], clean_ids[:, : prompt_len + 2])
+    torch.testing.assert_close(edited.sequences[:, : prompt_len + 2], clean.sequences[:, : prompt_len + 2])
+
+
+def _forced_forward(session, items, prefix):
+    """Hidden states of a plain forward pass over prompt + ``prefix`` (left-padded prompt, as generate sees it)."""
+    prepared = session.prepare(items)
+    ids = torch.cat([prepared.inputs["input_ids"], prefix], 1)
+    mask = torch.cat([prepared.inputs["attention_mask"], torch.ones_like(prefix)], 1)
+    inputs = dict(prepared.inputs, input_ids=ids, attention_mask=mask,
+                  position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0))
+    with torch.no_grad():
+        return session.plugin.model(**inputs, output_hidden_states=True).hidden_states, mask
 
 
 def test_per_step_reads_match_forced_prefix_forward_passes(qwen_session):
-    items = dataset(1).items
+    items = dataset(2).items
     n = 3
-    reads, ids = qwen_session.generate(items, n, ["lm.5.out"], ["last"])
-    prepared = qwen_session.prepare(items)
-    prompt_len = prepared.inputs["input_ids"].shape[1]
-    for step in range(n):
-        prefix = ids[:, : prompt_len + step]
-        inputs = dict(prepared.inputs, input_ids=prefix, attention_mask=torch.ones_like(prefix),
-                      position_ids=torch.arange(prefix.shape[1])[None])
-        with torch.no_grad():
-            hs = qwen_session.plugin.model(**inputs, output_hidden_states=True).hidden_states
-        torch.testing.assert_close(reads["lm.5.out@last"][step], hs[6][:, -1], atol=1e-5, rtol=1e-4)
+    gen = qwen_session.generate(items, n, ["lm.5.out"], [f"step:{t}" for t in range(1, n + 1)] + ["prefix:3"])
+    prompt_len = qwen_session.prepare(items).inputs["input_ids"].shape[1]
+    new = gen.sequences[:, prompt_len:]
+    for t in range(1, n + 1):  # a hand-written loop: one forward pass per prefix
+        hs, _ = _forced_forward(qwen_session, items, new[:, : t - 1])
+        torch.testing.assert_close(gen.reads[f"lm.5.out@step:{t}"], hs[6][:, -1], atol=1e-5, rtol=1e-4)
+    hs, mask = _forced_forward(qwen_session, items, new[:, :2])
+    pooled = (hs[6] * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    torch.testing.assert_close(gen.reads["lm.5.out@prefix:3"], pooled, atol=1e-5, rtol=1e-4)
+
+
+def test_forced_target_reads_match_teacher_forcing(qwen_session):
+    items = [Stimulus(id=f"f{i}", audio=tone(200 + 40 * i, 0.6), sample_rate=SR, labels={"target": "abcdef"})
+             for i in range(2)]
+    gen = qwen_session.generate(items, 4, ["lm.3.out"], ["step:4"], force_target="target")
+    target = torch.tensor([qwen_session.plugin.target_ids("abcdef")] * 2)
+    prompt_len = qwen_session.prepare(items).inputs["input_ids"].shape[1]
+    assert torch.equal(gen.sequences[:, prompt_len:prompt_len + 4], target[:, :4])
+    hs, _ = _forced_forward(qwen_session, items, target[:, :3])
+    torch.testing.assert_close(gen.reads["lm.3.out@step:4"], hs[4][:, -1], atol=1e-5, rtol=1e-4)
+    with pytest.raises(UserError, match="forced prefix"):
+        qwen_session.generate(items, 8, ["lm.3.out"], ["step:8"], force_target="target")
+
+
+def test_edit_at_all_positions_follows_generation(qwen_session):
+    items = dataset(1).items
+    vec = torch.ones(qwen_session.plugin.model.config.text_config.hidden_size)
+    clean = qwen_session.generate(items, 3, ["lm.2.out"], ["step:1", "step:3"])
+    edited = qwen_session.generate(items, 3, ["lm.2.out"], ["step:1", "step:3"], edits=[
+        Edit(site="lm.2.out", op="add", positions="all", value=vec)])
+    # Edited outputs are read after the edit, at the prompt pass and at a generated position alike.
+    torch.testing.assert_close(edited.reads["lm.2.out@step:1"], clean.reads["lm.2.out@step:1"] + 1)
+    assert not torch.allclose(edited.reads["lm.2.out@step:3"], clean.reads["lm.2.out@step:3"])
+
+
+def test_step_positions_need_a_per_step_stack(qwen_session):
+    with pytest.raises(UserError, match="runs once per input"):
+        qwen_session.generate(dataset(1).items, 2, ["audio_encoder.0.out"], ["step:1"])
+    with pytest.raises(UserError, match="numbered from 1"):
+        qwen_session.generate(dataset(1).items, 2, ["lm.0.out"], ["step:0"])
