@@ -6,7 +6,12 @@ distances between chosen items (its Tables 2-3) and between cluster centroids.
 
 Documented choices:
 - t-SNE: ``sklearn.manifold.TSNE`` with its defaults (PCA init, learning_rate="auto", 1000 iterations), a fixed
-  ``random_state`` and ``perplexity = min(30, n − 1)`` (sklearn needs perplexity < n).
+  ``random_state`` and ``perplexity = min(30, (n − 1) / 3)`` (option ``perplexity``; 30 from 91 items on).
+  Barnes-Hut t-SNE looks at the 3·perplexity nearest neighbours, so a perplexity near n makes every item a
+  neighbour of every other and the map uninformative (on 30 items, perplexity 29 gave a speech/text silhouette
+  of 0.0 at layers where the full space gives 0.75); the (n − 1)/3 cap is openTSNE's rule. The map is chaotic in
+  its input: a change of 1e-7 (float rounding from another batch size or thread count) can give another layout,
+  so t-SNE silhouettes are reproducible to about 0.01, not bit for bit; ``space=full`` scores are.
 - Silhouette: ``sklearn.metrics.silhouette_score`` (Euclidean). ``space=tsne`` (default) scores the 2-D t-SNE
   coordinates as the paper does; t-SNE does not preserve distances, so ``space=full`` (the raw activations) or
   ``space=both`` is the safer reading. A label is skipped, with a note, when it has fewer than two classes or
@@ -33,6 +38,7 @@ from lalm_probe.core.errors import UserError
 from lalm_probe.core.plugin import Analysis, Requirements
 from lalm_probe.core.registry import hookimpl
 from lalm_probe.core.results import Result, Table
+from lalm_probe.core.threads import capped
 from lalm_probe.plugins.analyses import reps
 
 DEFAULT_LABELS = ("language", "semantic_id", "modality")
@@ -43,12 +49,17 @@ VERSION_LABELS = ("language", "voice", "speaker", "gender", "condition", "mic", 
 
 
 # ---- the math --------------------------------------------------------------------------------------------
-def tsne_2d(x: np.ndarray, seed: int = 0) -> np.ndarray:
-    """2-D t-SNE with a fixed seed and perplexity min(30, n − 1), so small item sets still embed."""
+def effective_perplexity(n: int, perplexity: float = 30.0) -> float:
+    """``min(perplexity, (n − 1) / 3)``, at least 1: every item keeps non-neighbours, so small sets still embed."""
+    return float(max(1.0, min(perplexity, (n - 1) / 3)))
+
+
+def tsne_2d(x: np.ndarray, seed: int = 0, perplexity: float = 30.0) -> np.ndarray:
+    """2-D t-SNE with a fixed seed and the perplexity capped by :func:`effective_perplexity`."""
     n = len(x)
     if n < 3:
         raise UserError(f"t-SNE needs at least 3 items; got {n}.")
-    return TSNE(n_components=2, perplexity=float(min(30, n - 1)), init="pca", learning_rate="auto",
+    return TSNE(n_components=2, perplexity=effective_perplexity(n, perplexity), init="pca", learning_rate="auto",
                 random_state=seed).fit_transform(np.asarray(x, dtype=np.float64))
 
 
@@ -118,6 +129,21 @@ def default_items(items: Sequence[Stimulus], limit: int = 6) -> list[str]:
     return out[:limit]
 
 
+def short_names(items: Sequence[Stimulus]) -> list[str]:
+    """Column names for the item distance table: a letter per sentence (``semantic_id``, in order of
+    appearance) and a number per version, as the paper's A1 A2 / B1 B2; the ids when that does not apply."""
+    sids = [it.labels.get("semantic_id") for it in items]
+    letters = list(dict.fromkeys(sids))
+    if None in letters or len(letters) > 26:
+        return [it.id for it in items]
+    seen: dict[Any, int] = {}
+    out = []
+    for sid in sids:
+        seen[sid] = seen.get(sid, 0) + 1
+        out.append(f"{chr(65 + letters.index(sid))}{seen[sid]}")
+    return out
+
+
 # ---- the plugin ------------------------------------------------------------------------------------------
 @dataclass
 class Clusters(Analysis):
@@ -135,10 +161,13 @@ class Clusters(Analysis):
     items: list[str] | None = None  # item ids for the distance tables; default: see default_items
     normalize: bool = False  # L2-normalise vectors before distances and centroids
     seed: int = 0  # t-SNE random_state
+    perplexity: float = 30.0  # t-SNE perplexity, capped at (n − 1) / 3 for small item sets
 
     def __post_init__(self) -> None:
         if self.space not in SPACES:
             raise UserError(f"clusters: space must be one of {', '.join(SPACES)}, got '{self.space}'.")
+        if self.perplexity <= 0:
+            raise UserError(f"clusters: perplexity must be positive, got {self.perplexity}.")
 
     def _labels(self, dataset: Dataset) -> list[str]:
         carried = {k for it in dataset for k in it.labels}
@@ -163,6 +192,7 @@ class Clusters(Analysis):
         return Requirements(sites=[reps.site_pattern(session, stack, self.site)], positions=[self.position],
                             labels=every)
 
+    @capped
     def analyze(self, session: Any, dataset: Dataset, stores: dict[str, Any]) -> Result:
         stack = reps.resolve_stack(session, self.stack)
         sites = reps.layer_sites(session, stack, self.site)
@@ -172,18 +202,23 @@ class Clusters(Analysis):
         result = Result(summary={"stack": stack, "site": self.site, "position": self.position,
                                  "silhouette space": self.space, "distances normalised": self.normalize})
         for run, store in stores.items():
-            items = reps.stored_items(dataset, store)
+            items = reps.items_reaching(dataset, store, stack, f"{sites[0][1]}@{self.position}",
+                                        result.notes if run == "baseline" else None)
             if len(items) < 3:
-                raise UserError(f"clusters needs at least 3 items; the store holds {len(items)}.")
+                raise UserError(f"clusters needs at least 3 items; the store holds {len(items)} with '{stack}' "
+                                f"sites.")
             ids = [it.id for it in items]
+            if run == "baseline":
+                result.summary["t-SNE perplexity"] = effective_perplexity(len(ids), self.perplexity)
             scored = self._scored_labels(items, labels, result, note=run == "baseline")
             table_ids = self._table_items(items)
+            by_id = {it.id: it for it in items}
             rows, curves, coords = [], {(k, s): [] for k in scored for s in spaces}, {}
             dist_rows, cent_rows = [], []
             for layer, site in sites:
                 x = reps.load_layer(store, site, self.position, ids)
                 row: dict[str, Any] = {"run": run, "layer": layer, "mean_norm": float(np.linalg.norm(x, axis=1).mean())}
-                emb = tsne_2d(x, self.seed) if ("tsne" in spaces or layer in shown) else None
+                emb = tsne_2d(x, self.seed, self.perplexity) if ("tsne" in spaces or layer in shown) else None
                 if emb is not None:
                     coords[layer] = emb
                     result.arrays[f"{run}/tsne/{layer}"] = emb
@@ -205,8 +240,9 @@ class Clusters(Analysis):
                     pos = [ids.index(i) for i in table_ids]
                     d = pairwise_distances(x[pos], self.normalize)
                     result.arrays[f"{run}/item_distance/{layer}"] = d
-                    dist_rows += [{"run": run, "layer": layer, "item": a,
-                                   **{b: d[r, c] for c, b in enumerate(table_ids)}} for r, a in enumerate(table_ids)]
+                    names = short_names([by_id[i] for i in table_ids])
+                    dist_rows += [{"run": run, "layer": layer, "name": names[r], "item": a,
+                                   **{b: d[r, c] for c, b in enumerate(names)}} for r, a in enumerate(table_ids)]
             result.arrays[f"{run}/ids"] = np.array(ids)
             layer_names = [layer for layer, _ in sites]
             for (key, space), values in curves.items():
@@ -223,8 +259,11 @@ class Clusters(Analysis):
             result.figures[f"silhouette_{run}"] = _silhouette_plot(curves, layer_names, f"{stack} ({run})")
             for key, (mask, values) in scored.items():
                 result.figures[f"tsne_{key}_{run}"] = _scatter(coords, shown, mask, values, items, key, run)
-        result.notes.append("Silhouette in the t-SNE map follows the paper; t-SNE does not preserve distances, "
-                            "so compare with space=full (raw activations).")
+        if "tsne" in spaces:
+            result.notes.append("Silhouette in the t-SNE map follows the paper; t-SNE does not preserve distances "
+                                "and turns float rounding (e.g. another --batch-size) into another layout, so its "
+                                "silhouettes agree to about 0.01 between such runs. space=full (raw activations) "
+                                "is exact.")
         return result
 
     def _scored_labels(self, items: list[Stimulus], labels: list[str], result: Result, note: bool

@@ -35,6 +35,7 @@ from lalm_probe.core.errors import UserError
 from lalm_probe.core.plugin import Analysis, Requirements
 from lalm_probe.core.registry import hookimpl
 from lalm_probe.core.results import Result, Table
+from lalm_probe.core.threads import capped
 from lalm_probe.plugins.analyses import reps
 
 
@@ -187,16 +188,21 @@ class Hub(Analysis):
     def requirements(self, session: Any, dataset: Dataset) -> Requirements:
         stack = reps.resolve_stack(session, self.stack)
         reps.layer_sites(session, stack, "out")
+        if self.language_lens and getattr(session.plugin.resolved[stack], "unembed", None) is None:
+            raise UserError(f"hub: the language lens needs a stack with an unembedding and '{stack}' has none; "
+                            "pass language_lens=false to compare representations only.")
         labels = ["language"] + (["semantic_id"] if self.similarity else [])
         return Requirements(sites=[f"{stack}.*.out"], positions=[self.position], labels=labels)
 
+    @capped
     def analyze(self, session: Any, dataset: Dataset, stores: dict[str, Any]) -> Result:
         stack = reps.resolve_stack(session, self.stack)
         layers = [layer for layer, _ in reps.layer_sites(session, stack, "out")]
         result = Result(summary={"stack": stack, "position": self.position, "lens final norm": self.norm})
         table = self._token_table(session, dataset, result) if self.language_lens else None
         for run, store in stores.items():
-            items = reps.stored_items(dataset, store)
+            items = reps.items_reaching(dataset, store, stack, f"{stack}.{layers[0]}.out@{self.position}",
+                                        result.notes if run == "baseline" else None)
             ids = [it.id for it in items]
             pairs = self._pairs(items, result, run) if self.similarity else []
             scores = {name: np.zeros((len(layers), 5)) for name, _, _ in pairs}  # mean, lo, hi, matched, off

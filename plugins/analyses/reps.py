@@ -56,10 +56,32 @@ def modality_of(item: Stimulus) -> str:
     return str(item.labels.get("modality") or ("speech" if item.has_audio else "text"))
 
 
-def stored_items(dataset: Dataset, store: Any) -> list[Stimulus]:
-    """Dataset items the store holds, in dataset order (a stack that some items skip leaves gaps)."""
-    held = store.stored_ids()
+def stored_items(dataset: Dataset, store: Any, keys: Sequence[str] | None = None) -> list[Stimulus]:
+    """Dataset items the store holds, in dataset order; with ``keys``, only those stored with every key.
+
+    The engine skips sites on stacks an item never reaches (a text item has no speech-encoder rows), so an
+    analysis of such a stack asks for its keys and gets the items that have them.
+    """
+    held = store.stored_ids() if keys is None else store.ids_with(keys)
     return [it for it in dataset if it.id in held]
+
+
+def items_reaching(dataset: Dataset, store: Any, stack: str, key: str, notes: list[str] | None = None
+                   ) -> list[Stimulus]:
+    """Items stored with ``key`` (a site of ``stack``); the stored items left out are counted in ``notes``."""
+    every = stored_items(dataset, store)
+    have = stored_items(dataset, store, [key])
+    if notes is not None and len(have) < len(every):
+        kept = {it.id for it in have}
+        counts: dict[str, int] = {}
+        for it in every:
+            if it.id not in kept:
+                counts[modality_of(it)] = counts.get(modality_of(it), 0) + 1
+        what = ", ".join(f"{n} {m}" for m, n in sorted(counts.items()))
+        note = f"{what} items never reach '{stack}' (no rows for its sites), so they are left out."
+        if note not in notes:
+            notes.append(note)
+    return have
 
 
 def parallel_index(items: Iterable[Stimulus]) -> tuple[dict[tuple[str, str], dict[str, str]], int]:

@@ -33,6 +33,7 @@ from lalm_probe.core.errors import UserError
 from lalm_probe.core.plugin import Analysis, Requirements
 from lalm_probe.core.registry import hookimpl
 from lalm_probe.core.results import Result, Table
+from lalm_probe.core.threads import capped
 from lalm_probe.plugins.analyses import reps
 
 EPSILON = 1e-10
@@ -194,13 +195,14 @@ class SVCCAAnalysis(Analysis):
         sites = list(dict.fromkeys(f"{s}.*.{self.site}" for s in stacks.values()))
         return Requirements(sites=sites, positions=[self.position], labels=["semantic_id", "language"])
 
+    @capped
     def analyze(self, session: Any, dataset: Dataset, stores: dict[str, Any]) -> Result:
         stacks = self._stacks(session)
         depth = {m: session.plugin.resolved[s].num_layers for m, s in stacks.items()}
         result = Result(summary={"stacks": dict(stacks), "position": self.position, "variance (s²)": self.variance,
                                  "baseline permutations": self.baseline_permutations})
         for run, store in stores.items():
-            items = reps.stored_items(dataset, store)
+            items = self._reaching(dataset, store, stacks, result.notes if run == "baseline" else None)
             index, dropped = reps.parallel_index(items)
             if self.languages:
                 index = {k: v for k, v in index.items() if k[0] in set(self.languages)}
@@ -225,6 +227,21 @@ class SVCCAAnalysis(Analysis):
         result.notes.append("SVCCA = plain mean of all canonical correlations (not cca_core's 0.98-threshold "
                             "'mean'); baseline = same pipeline with one side's pairing shuffled.")
         return result
+
+    def _reaching(self, dataset: Dataset, store: Any, stacks: dict[str, str], notes: list[str] | None) -> list:
+        """Stored speech and text items whose rows hold their side's stack (text never reaches a speech encoder)."""
+        reach = {m: store.ids_with([f"{s}.0.{self.site}@{self.position}"]) for m, s in stacks.items()}
+        items, left = [], {}
+        for it in reps.stored_items(dataset, store):
+            mod = reps.modality_of(it)
+            if it.id in reach.get(mod, ()):
+                items.append(it)
+            elif mod in reach:
+                left[mod] = left.get(mod, 0) + 1
+        if notes is not None:
+            notes += [f"{n} {m} items never reach '{stacks[m]}' and are left out of the {m} side."
+                      for m, n in sorted(left.items())]
+        return items
 
     # ---- comparisons ------------------------------------------------------------------------------------
     def _cross_modal(self, result: Result, run: str, index: dict, reader: "_Reader", depth: dict) -> int:
@@ -313,7 +330,8 @@ class SVCCAAnalysis(Analysis):
                 {"mean over language pairs": np.stack([mean_sim, mean_base], 1)}, list(range(n_layers)),
                 f"Cross-lingual SVCCA, {modality} ({run})", "layer")
             shown = reps.spread_layers(list(range(n_layers)), self.heatmap_layers)
-            result.figures[f"svcca_languages_{modality}_{run}"] = _heatmaps(sim, langs, shown, f"{modality}, {run}")
+            result.figures[f"svcca_languages_{modality}_{run}"] = _heatmaps(
+                sim, langs, shown, f"Cross-lingual SVCCA between {modality} of each language pair ({run} run)")
         return found
 
 
@@ -332,8 +350,12 @@ class _Reader:
 
     def __init__(self, store: Any, ids: list[str], stacks: dict[str, str], site: str, position: str,
                  variance: float, epsilon: float) -> None:
-        self.store, self.ids, self.stacks, self.site, self.position = store, ids, stacks, site, position
-        self.row = {i: n for n, i in enumerate(ids)}
+        self.store, self.stacks, self.site, self.position = store, stacks, site, position
+        self.ids: dict[str, list[str]] = {}  # per stack: the items whose rows hold it, in dataset order
+        for stack in set(stacks.values()):
+            held = store.ids_with([f"{stack}.0.{site}@{position}"])
+            self.ids[stack] = [i for i in ids if i in held]
+        self.row = {stack: {i: n for n, i in enumerate(v)} for stack, v in self.ids.items()}
         self.variance, self.epsilon = variance, epsilon
         self._raw: dict[str, np.ndarray] = {}
         self._reduced: dict[tuple, tuple[np.ndarray, int]] = {}
@@ -346,10 +368,11 @@ class _Reader:
     def reduced(self, modality: str, layer: int, ids: list[str]) -> tuple[np.ndarray, int]:
         key = (modality, layer, tuple(ids))
         if key not in self._reduced:
-            site = f"{self.stacks[modality]}.{layer}.{self.site}"
+            stack = self.stacks[modality]
+            site = f"{stack}.{layer}.{self.site}"
             if site not in self._raw:
-                self._raw[site] = reps.load_layer(self.store, site, self.position, self.ids)
-            r = svd_reduce(self._raw[site][[self.row[i] for i in ids]], self.variance)
+                self._raw[site] = reps.load_layer(self.store, site, self.position, self.ids[stack])
+            r = svd_reduce(self._raw[site][[self.row[stack][i] for i in ids]], self.variance)
             self._reduced[key] = (whiten(r, self.epsilon), r.shape[1])
             self.ks.append(r.shape[1])
         return self._reduced[key]
@@ -392,10 +415,17 @@ def _heatmaps(sim: np.ndarray, langs: list[str], layers: list[Any], what: str) -
     fig, axes = plt.subplots(1, len(layers), figsize=(3.6 * len(layers) + 0.8, 3.4), squeeze=False)
     for ax, layer in zip(axes[0], layers):
         im = ax.imshow(sim[layer], vmin=0, vmax=1, cmap="viridis")
-        ax.set_xticks(range(len(langs)), langs, rotation=90, fontsize=7)
-        ax.set_yticks(range(len(langs)), langs, fontsize=7)
-        ax.set_title(f"{what}: layer {layer}", fontsize=9)
+        short = max(len(lang) for lang in langs) <= 3
+        ax.set_xticks(range(len(langs)), langs, rotation=0 if short else 90, fontsize=8)
+        ax.set_yticks(range(len(langs)), langs, fontsize=8)
+        if len(langs) <= 8:  # few languages: print the values, colours alone are hard to read off
+            for (i, j), v in np.ndenumerate(sim[layer]):
+                if np.isfinite(v) and i != j:
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                            color="black" if v > 0.6 else "white")
+        ax.set_title(f"layer {layer}", fontsize=9)
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="SVCCA")
+    fig.suptitle(what, fontsize=10)
     return fig
 
 

@@ -13,8 +13,9 @@ from lalm_probe.core.data import Dataset, Stimulus
 from lalm_probe.core.errors import UserError
 from lalm_probe.core.model import ResolvedStack, Stack
 from lalm_probe.core.store import ActivationStore
-from lalm_probe.plugins.analyses.clusters import (Clusters, centroid_distances, default_items, lalm_probe_analyses,
-                                                  pairwise_distances, silhouette, silhouette_problem, tsne_2d)
+from lalm_probe.plugins.analyses.clusters import (Clusters, centroid_distances, default_items, effective_perplexity,
+                                                  lalm_probe_analyses, pairwise_distances, silhouette,
+                                                  silhouette_problem, tsne_2d)
 
 LANGUAGE_LAYERS = {0, 1, 5}  # the other layers of the planted model cluster by meaning
 N_LAYERS = 6
@@ -77,9 +78,12 @@ def test_silhouette_matches_sklearn_and_undefined_cases():
 
 def test_tsne_is_seeded_and_handles_few_items():
     rng = np.random.default_rng(1)
-    x = rng.normal(size=(5, 8))  # perplexity min(30, n-1) = 4
+    x = rng.normal(size=(5, 8))  # perplexity max(1, min(30, (n-1)/3)) = 4/3
     a, b = tsne_2d(x, seed=3), tsne_2d(x, seed=3)
     assert a.shape == (5, 2) and np.array_equal(a, b)
+    assert effective_perplexity(5) == pytest.approx(4 / 3) and effective_perplexity(3) == 1.0
+    assert effective_perplexity(30) == pytest.approx(29 / 3) and effective_perplexity(91) == 30.0
+    assert effective_perplexity(1000, perplexity=50) == 50.0
     with pytest.raises(UserError):
         tsne_2d(x[:2])
 
@@ -149,10 +153,12 @@ def test_end_to_end(tmp_path):
 
     dist = next(t for t in result.tables if t.title.startswith("Euclidean distances"))
     assert {r["layer"] for r in dist.rows} == {0, N_LAYERS - 1}
-    first = dist.rows[0]
-    a, b = first["item"], [k for k in first if k not in ("run", "layer", "item")][1]
+    first, second = dist.rows[0], dist.rows[1]
+    assert first["name"] == "A1" and second["name"] == "A2"  # sentence letter, version number
+    a, b = first["item"], second["item"]
     xa, xb = (arrays["lm.0.out@last"][ids.index(i)] for i in (a, b))
-    assert first[b] == pytest.approx(np.linalg.norm(xa / np.linalg.norm(xa) - xb / np.linalg.norm(xb)))
+    assert first["A2"] == pytest.approx(np.linalg.norm(xa / np.linalg.norm(xa) - xb / np.linalg.norm(xb)))
+    assert [r["name"] for r in dist.rows if r["layer"] == 0][-1].startswith("B")
     cents = result.arrays["baseline/centroid_distance/language/0"]
     assert cents.shape == (3, 3) and np.allclose(np.diag(cents), 0)
     assert {"silhouette_baseline", "tsne_language_baseline", "tsne_semantic_id_baseline"} <= set(result.figures)
