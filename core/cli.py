@@ -48,27 +48,34 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from .spec import split_spec
+
     reg = _registry()
-    cls = reg.get("model", args.model)
+    name, options = split_spec(args.model)
+    cls = reg.get("model", name)
     plugin = cls.load(args.checkpoint or cls.default_checkpoint, device=args.device, dtype=args.dtype)
-    table = Table(title=f"{args.model} ({args.checkpoint or cls.default_checkpoint})")
+    plugin.configure(**options)
+    table = Table(title=f"{name} ({args.checkpoint or cls.default_checkpoint})")
     for col in ("stack", "layers", "runs", "sites (stack.<layer>.X)", "extras", "module path"):
         table.add_column(col)
     for name, d in plugin.describe().items():
         table.add_row(name, str(d["layers"]), d["runs"], ", ".join(d["components"]), ", ".join(d["extras"]),
                       d["path"])
     console.print(table)
-    console.print(f"sample rate {plugin.sample_rate} Hz; logit lens stack: {cls.lens_stack or 'none'}")
+    console.print(f"sample rate {plugin.sample_rate} Hz; input: {', '.join(cls.modalities)}; "
+                  f"logit lens stack: {cls.lens_stack or 'none'}")
+    if cls.option_defaults:
+        console.print("options: " + ", ".join(f"{k}={v}" for k, v in plugin.options.items()))
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .run import RunConfig, execute
+    from .run import DEFAULT_ANALYSIS, DEFAULT_MODEL, RunConfig, execute
 
-    cfg = RunConfig(model=args.model, analysis=args.analysis, checkpoint=args.checkpoint, data=args.data,
-                    interventions=args.intervention or [], out=args.out, device=args.device, dtype=args.dtype,
-                    device_map=args.device_map, batch_size=args.batch_size, seed=args.seed,
-                    baseline=not args.no_baseline)
+    cfg = RunConfig(model=args.model or DEFAULT_MODEL, analysis=args.analysis or DEFAULT_ANALYSIS,
+                    checkpoint=args.checkpoint, data=args.data, interventions=args.intervention or [], out=args.out,
+                    device=args.device, dtype=args.dtype, device_map=args.device_map, batch_size=args.batch_size,
+                    seed=args.seed, baseline=not args.no_baseline, force_target=args.force_target)
     execute(cfg, _registry(), console)
     return 0
 
@@ -86,9 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="list installed model, analysis, intervention and dataset plugins"
                    ).set_defaults(func=cmd_list)
 
-    def model_args(p: argparse.ArgumentParser, default_model: str | None = None) -> None:
-        p.add_argument("--model", required=default_model is None, default=default_model,
-                       help="model plugin name (see `probe list`)")
+    def model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+        p.add_argument("--model", required=required,
+                       help="model plugin name (see `probe list`), optionally with options: whisper:language=de")
         p.add_argument("--checkpoint", help="hub id, local directory or 'tiny' (default: the plugin's)")
         p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
         p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
@@ -97,16 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(info)
     info.set_defaults(func=cmd_info)
 
-    run = sub.add_parser("run", help="collect activations and run one analysis; writes a run directory")
-    model_args(run)
-    run.add_argument("--analysis", required=True, help="NAME, NAME:key=value,... or a JSON spec file")
-    run.add_argument("--data", help="JSONL manifest or NAME:ARG dataset source (default: synth:parallel)")
+    run = sub.add_parser("run", help="collect activations and run one analysis; writes a run directory. "
+                         "With no arguments: real Whisper base over built-in multilingual speech, logit lens")
+    model_args(run, required=False)
+    run.add_argument("--analysis", help="NAME, NAME:key=value,... or a JSON spec file (default: logitlens)")
+    run.add_argument("--data", help="JSONL manifest or NAME:ARG dataset source (default: synth:demo)")
     run.add_argument("--intervention", action="append", help="NAME, NAME:key=value,... or a JSON file; repeatable")
     run.add_argument("--out", help="run directory (reuse one to resume an interrupted collection)")
     run.add_argument("--batch-size", type=int, default=8)
     run.add_argument("--device-map", help="e.g. 'auto' to spread a large model over several GPUs")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--no-baseline", action="store_true", help="with interventions, skip the uninterrupted run")
+    run.add_argument("--force-target", help="label whose text is forced as the decoded prefix for step:/prefix: reads")
     run.set_defaults(func=cmd_run)
 
     data = sub.add_parser("data", help="build datasets").add_subparsers(dest="data_command", required=True)
@@ -125,6 +134,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``probe`` console script."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _one_line_warnings()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # generation-config chatter is not the user's business
+    hf_logging.disable_progress_bar()  # our own progress bars say what is going on
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

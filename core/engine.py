@@ -20,7 +20,7 @@ from .model import ModelPlugin, Prepared, Prompt
 from .plugin import Edit
 from .progress import progress_bar
 from .sites import Reducer, Site, check_position, parse_sites, step_of
-from .store import ActivationStore
+from .store import ActivationStore, OutputStore
 from .tracing import Op, Tracer
 
 PromptFn = Callable[[Stimulus], Prompt]
@@ -58,7 +58,7 @@ class Session:
     def __init__(self, plugin: ModelPlugin) -> None:
         self.plugin = plugin
         self.tracer = Tracer(plugin.model)
-        self._order: dict[str, tuple[int, int]] = {}
+        self._orders_by_inputs: dict[frozenset, dict[str, tuple[int, int]]] = {}
 
     # ---- inputs -----------------------------------------------------------------------------------
     def prepare(self, items: Sequence[Stimulus], prompt_fn: PromptFn | None = None) -> Prepared:
@@ -90,12 +90,29 @@ class Session:
     def sites(self, patterns: Sequence[str]) -> list[Site]:
         return parse_sites(patterns, self.plugin.resolved)
 
+    def reads(self, sites: Sequence[str], positions: Sequence[str]) -> list[tuple[Site, str]]:
+        """Every site with every position, except decode-step positions on stacks that run once (an encoder
+        is read with ``mean`` or ``last`` while the decoder is read at ``step:t`` in the same request)."""
+        parsed = self.sites(sites)
+        out = []
+        for sel in map(check_position, positions):
+            per_step = [s for s in parsed if step_of(sel) is None
+                        or self.plugin.resolved[s.stack].spec.runs == "per_step"]
+            if parsed and not per_step:
+                raise UserError(f"Position '{sel}' needs a stack that runs at every decode step, but the sites "
+                                f"{list(sites)} run once per input (read them with last, mean or a span).")
+            out += [(s, sel) for s in per_step]
+        return sorted(out, key=lambda r: parsed.index(r[0]))
+
     def _orders(self, prepared: Prepared, paths: Sequence[str]) -> dict[str, tuple[int, int]]:
-        missing = [p for p in paths if p not in self._order]
+        """Module execution order, recorded once per kind of input (speech and text take different paths)."""
+        kind = frozenset(k for k, v in prepared.inputs.items() if v is not None)
+        order = self._orders_by_inputs.get(kind, {})
+        missing = [p for p in paths if p not in order]
         if missing:
-            every = list(self._order) + missing
-            self._order = self.tracer.execution_order(prepared.inputs, every)
-        return self._order
+            order = self.tracer.execution_order(prepared.inputs, list(order) + missing)
+            self._orders_by_inputs[kind] = order
+        return order
 
     def _reducer(self, site: Site, selector: str, prepared: Prepared, ids: Sequence[str]) -> Callable:
         """A function from a site output to one value per row, built lazily once the time length is known.
@@ -139,11 +156,11 @@ class Session:
         return reduce
 
     def plan(self, prepared: Prepared, ids: Sequence[str], reads: Sequence[tuple[Site, str]],
-             edits: Sequence[Edit] = ()) -> list[Op]:
+             edits: Sequence[Edit] = (), forward: Prepared | None = None) -> list[Op]:
         """Turn reads and edits into ops ordered as the model executes them (edits before reads per module).
 
         During generation a plain read runs at step 1 (the prompt pass), ``step:t`` at step t and ``prefix:t``
-        at steps 1..t.
+        at steps 1..t. ``forward``: the batch as a plain forward pass takes it, when ``prepared`` is for generate.
         """
         stacks = self.plugin.resolved
         ops: list[Op] = []
@@ -151,16 +168,20 @@ class Session:
             fn = self._reducer(site, sel, prepared, ids)
             step = step_of(sel)
             steps = [1] if step is None else ([step[0]] if not step[1] else list(range(1, step[0] + 1)))
-            ops.append(Op(site.module_path(stacks), "read", fn, key=f"{site}@{sel}", steps=steps))
+            ops.append(Op(site.module_path(stacks), "read", fn, key=f"{site}@{sel}", steps=steps,
+                          once=self._once(site)))
         for n, edit in enumerate(edits):
             ops.extend(self._edit_ops(edit, prepared, ids, n))
-        order = self._orders(prepared, [op.module for op in ops])
+        order = self._orders(forward or prepared, [op.module for op in ops])
         # Input edits happen when a module starts, outputs when it finishes; within one module's output,
         # edits come before reads so a read sees what the rest of the model sees.
         for op in ops:
             start, end = order[op.module]
             op.order = 2 * start if op.kind == "edit_input" else 2 * end + (op.kind == "read")
         return ops
+
+    def _once(self, site: Site) -> bool:
+        return self.plugin.resolved[site.stack].spec.runs != "per_step"
 
     def _edit_ops(self, edit: Edit, prepared: Prepared, ids: Sequence[str], n: int) -> list[Op]:
         from .edits import edit_function
@@ -172,9 +193,9 @@ class Session:
             (src,) = self.sites([src_pattern])
             fn = self._reducer(src, check_position(src_pos or "last"), prepared, ids)
             ops.append(Op(src.module_path(self.plugin.resolved), "read", fn, key=f"__edit{n}_source",
-                          steps=edit.steps))
+                          steps=edit.steps, once=self._once(src)))
         kind, fn = edit_function(edit, site, prepared, ids, self.plugin, source_key=f"__edit{n}_source")
-        ops.append(Op(site.module_path(self.plugin.resolved), kind, fn, steps=edit.steps))
+        ops.append(Op(site.module_path(self.plugin.resolved), kind, fn, steps=edit.steps, once=self._once(site)))
         return ops
 
     # ---- running ----------------------------------------------------------------------------------
@@ -182,7 +203,7 @@ class Session:
             edits: Sequence[Edit] = (), prompt_fn: PromptFn | None = None) -> dict[str, Any]:
         """Read sites for a handful of items in one trace; values stay tensors (``all`` gives lists)."""
         prepared = self.prepare(items, prompt_fn)
-        reads = [(s, check_position(p)) for s in self.sites(sites) for p in positions]
+        reads = self.reads(sites, positions)
         ops = self.plan(prepared, [it.id for it in items], reads, edits)
         return self.tracer.run(prepared.inputs, ops)
 
@@ -199,14 +220,16 @@ class Session:
         if "all" in positions:
             raise UserError("Position 'all' has a different length per item and cannot be stored; "
                             "use last, mean, a span or token:<i>.")
-        reads = [(s, check_position(p)) for s in self.sites(sites) for p in positions]
+        reads = self.reads(sites, positions)
         steps = max((step_of(sel)[0] for _, sel in reads if step_of(sel)), default=0)
         done = store.stored_ids()
         todo = [it for it in dataset if it.id not in done]
         for chunk, prepared in self.batches(todo, batch_size, prompt_fn, description):
             ids = [it.id for it in chunk]
             batch_reads = self._batch_reads(reads, prepared, ids)
-            if steps:
+            if not batch_reads:  # none of the asked-for stacks is reached by these items (text, encoder sites)
+                values: dict[str, Any] = {}
+            elif steps:
                 values = self._generate(chunk, prepared, batch_reads, edits, steps, force_target).reads
             else:
                 values = self.tracer.run(prepared.inputs, self.plan(prepared, ids, batch_reads, edits))
@@ -214,6 +237,18 @@ class Session:
             if store.buffered >= shard_rows:
                 store.flush()
         store.mark_complete()
+        return store
+
+    def write_outputs(self, dataset: Dataset, store: OutputStore, max_new_tokens: int, batch_size: int = 8,
+                      edits: Sequence[Edit] = (), prompt_fn: PromptFn | None = None,
+                      description: str = "Generating") -> OutputStore:
+        """The model's own output for every item (greedy, stopping at end of sequence), with edits applied."""
+        done = store.stored_ids()
+        todo = [it for it in dataset if it.id not in done]
+        for chunk, prepared in self.batches(todo, batch_size, prompt_fn, description):
+            gen = self._generate(chunk, prepared, [], edits, max_new_tokens, None, until_eos=True)
+            store.add([{"id": it.id, **out} for it, out in zip(chunk, gen.outputs)])
+        store.mark_complete([it.id for it in dataset])
         return store
 
     def _batch_reads(self, reads: Sequence[tuple[Site, str]], prepared: Prepared,
@@ -240,28 +275,24 @@ class Session:
         """
         if len({self.plugin.batch_key(it) for it in items}) > 1:
             raise UserError("generate takes one batch: items must share their modality (use Session.batches).")
-        reads = [(s, check_position(p)) for s in self.sites(sites) for p in positions]
+        reads = self.reads(sites, positions)
         prepared = self.prepare(items, prompt_fn)
         return self._generate(items, prepared, reads, edits, max_new_tokens, force_target, **gen_kwargs)
 
     def _generate(self, items: Sequence[Stimulus], prepared: Prepared, reads: Sequence[tuple[Site, str]],
-                  edits: Sequence[Edit], max_new_tokens: int, force_target: str | None,
+                  edits: Sequence[Edit], max_new_tokens: int, force_target: str | None, until_eos: bool = False,
                   **gen_kwargs: Any) -> "Generation":
         ids = [it.id for it in items]
         steps = max((step_of(sel)[0] for _, sel in reads if step_of(sel)), default=1)
         if max_new_tokens < steps:
             raise UserError(f"Reading decode step {steps} needs at least {steps} new tokens, not {max_new_tokens}.")
-        paths = [s.module_path(self.plugin.resolved) for s, _ in reads] + [
-            self.sites([e.site])[0].module_path(self.plugin.resolved) for e in edits]
-        self._orders(prepared, paths)  # execution order comes from a forward pass on the forward inputs
         gen = self.plugin.generation_inputs(prepared)
         gen.inputs = self._to_device(gen.inputs)
-        ops = self.plan(gen, ids, reads, edits)
-        once = {op.module for op in ops if self._stack_of(op.module) == "once"}
+        ops = self.plan(gen, ids, reads, edits, forward=prepared)
         kwargs = {**self.plugin.generate_kwargs(), **gen_kwargs}
         if force_target:
             kwargs["logits_processor"] = LogitsProcessorList([ForcePrefix(self._targets(items, force_target, steps))])
-        values, result = self.tracer.generate(gen.inputs, ops, max_new_tokens, once, **kwargs)
+        values, result = self.tracer.generate(gen.inputs, ops, max_new_tokens, until_eos, **kwargs)
         sequences = getattr(result, "sequences", result)
         return Generation(values, sequences, self.plugin.decode_outputs(sequences, gen))
 
@@ -281,12 +312,6 @@ class Session:
     def _to_device(self, inputs: dict[str, Any]) -> dict[str, Any]:
         device = self.plugin.device
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-
-    def _stack_of(self, module: str) -> str:
-        for st in self.plugin.resolved.values():
-            if module.startswith(st.layers_path + ".") or module in st.extras.values():
-                return st.spec.runs
-        return "once"
 
     # ---- lens -------------------------------------------------------------------------------------
     def lens(self, hidden: torch.Tensor | np.ndarray, stack: str | None = None, norm: bool = True) -> torch.Tensor:

@@ -57,6 +57,7 @@ class Prepared:
     inputs: dict[str, Any]
     rows: list[dict[str, Positions]]
     generate_inputs: dict[str, Any] | None = None  # for ``model.generate`` when they differ (decoder prompt, tgt_lang)
+    meta: dict[str, Any] = field(default_factory=dict)  # what the plugin wants back in decode_outputs
 
 
 @dataclass

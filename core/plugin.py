@@ -53,6 +53,7 @@ class Requirements:
     positions: list[str] = field(default_factory=lambda: ["last"])
     labels: list[str] = field(default_factory=list)
     force_target: str | None = None  # label key whose text is forced as the decoded prefix for step:/prefix: reads
+    generate: int = 0  # >0: also write the model's outputs (up to this many new tokens) as outputs.jsonl
 
 
 class Intervention:
@@ -76,7 +77,8 @@ class Analysis:
     """Base class: a dataclass of options, what to collect, and how to turn stores into a result.
 
     ``analyze`` gets the store collected without interventions (``baseline``) and, when interventions are
-    given, the store collected with them (``intervened``), so every analysis can report both.
+    given, the store collected with them (``intervened``), so every analysis can report both. An analysis that
+    asks to generate also gets ``baseline:outputs`` (and ``intervened:outputs``), each an ``OutputStore``.
     """
 
     name: ClassVar[str]

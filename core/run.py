@@ -21,21 +21,26 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data import resolve_dataset
+from .data import Dataset, resolve_dataset
 from .engine import Session
 from .errors import UserError
 from .registry import Registry
 from .results import Result, render, write_result
 from .spec import build_params, spec_to_json, split_spec
-from .store import ActivationStore
+from .store import ActivationStore, OutputStore
+from .threads import analysis_threads
 
-DEFAULT_DATA = "synth:parallel"
+DEFAULT_DATA = "synth:demo"  # 4 sentences x 7 languages, one voice: a first run in about a minute
+# `probe run` with no arguments: real Whisper base (offline weights) over built-in multilingual speech, with the
+# logit lens on the decoder where Whisper identifies the language.
+DEFAULT_MODEL = "whisper"
+DEFAULT_ANALYSIS = "logitlens:label=language,positions=last"
 
 
 @dataclass
 class RunConfig:
-    model: str
-    analysis: str
+    model: str = DEFAULT_MODEL  # NAME or NAME:option=value,... (e.g. whisper:language=de)
+    analysis: str = DEFAULT_ANALYSIS
     checkpoint: str | None = None
     data: str | None = None
     interventions: list[str] = field(default_factory=list)
@@ -46,6 +51,7 @@ class RunConfig:
     batch_size: int = 8
     seed: int = 0
     baseline: bool = True  # with interventions, also collect without them for comparison
+    force_target: str | None = None  # label whose text is forced as the decoded prefix (step:/prefix: reads)
 
 
 def build_spec(registry: Registry, kind: str, text: str) -> Any:
@@ -76,11 +82,12 @@ def execute(cfg: RunConfig, registry: Registry, console: Any) -> tuple[Path, Res
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    model_cls = registry.get("model", cfg.model)
+    model_name, model_options = split_spec(cfg.model)
+    model_cls = registry.get("model", model_name)
     analysis = build_spec(registry, "analysis", cfg.analysis)
     interventions = [build_spec(registry, "intervention", s) for s in cfg.interventions]
     dataset = resolve_dataset(cfg.data or DEFAULT_DATA, registry.dataset_sources())
-    out = Path(cfg.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model}-{analysis.name}")
+    out = Path(cfg.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{model_name}-{analysis.name}")
     out.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {"status": "running", "config": asdict(cfg), "analysis": spec_to_json(analysis),
                               "versions": versions(), "seed": cfg.seed, "dataset": {"name": dataset.name,
@@ -88,9 +95,11 @@ def execute(cfg: RunConfig, registry: Registry, console: Any) -> tuple[Path, Res
     _write_json(out / "run.json", record)
     try:
         checkpoint = cfg.checkpoint or model_cls.default_checkpoint
-        console.print(f"Loading [bold]{cfg.model}[/bold] ({checkpoint}) …")
+        console.print(f"Loading [bold]{model_name}[/bold] ({checkpoint}) …")
         plugin = model_cls.load(checkpoint, device=cfg.device, dtype=cfg.dtype, device_map=cfg.device_map)
+        plugin.configure(**model_options)
         session = Session(plugin)
+        dataset = _usable(dataset, plugin, record, console)
         for iv in interventions:
             dataset = iv.prepare(session, dataset, analysis)
         record["interventions"] = [spec_to_json(iv) for iv in interventions]  # after prepare: resolved values
@@ -100,23 +109,38 @@ def execute(cfg: RunConfig, registry: Registry, console: Any) -> tuple[Path, Res
         for key in req.labels:
             dataset.label_values(key)  # every item must carry the labels before any model time is spent
         edits = [e for iv in interventions for e in iv.edits(session)]
-        stores = {}
+        stores: dict[str, Any] = {}
         plans = [("baseline", [])] if cfg.baseline or not edits else []
         plans += [("intervened", edits)] if edits else []
+        force_target = cfg.force_target or req.force_target
+        prompt_fn = lambda it: analysis.prompt(session, it)  # noqa: E731
         for name, plan_edits in plans:
-            config = {"model": cfg.model, "checkpoint": checkpoint, "dtype": cfg.dtype,
-                      "dataset": dataset.fingerprint(), "sites": req.sites, "positions": req.positions,
-                      "analysis": spec_to_json(analysis), "interventions": record["interventions"] if plan_edits else []}
-            store = ActivationStore(out / "store" / name, config)
-            session.collect(dataset, req.sites, req.positions, store, batch_size=cfg.batch_size, edits=plan_edits,
-                            prompt_fn=lambda it: analysis.prompt(session, it), description=f"Collecting ({name})")
-            stores[name] = store
-        if "baseline" not in stores:
-            stores = {"baseline": stores["intervened"]}
-        result = analysis.analyze(session, dataset, stores)
+            if req.sites:
+                config = {"model": cfg.model, "checkpoint": checkpoint, "dtype": cfg.dtype,
+                          "dataset": dataset.fingerprint(), "sites": req.sites, "positions": req.positions,
+                          "force_target": force_target, "analysis": spec_to_json(analysis),
+                          "interventions": record["interventions"] if plan_edits else []}
+                store = ActivationStore(out / "store" / name, config)
+                session.collect(dataset, req.sites, req.positions, store, batch_size=cfg.batch_size,
+                                edits=plan_edits, prompt_fn=prompt_fn, description=f"Collecting ({name})",
+                                force_target=force_target)
+                stores[name] = store
+            if req.generate:
+                # outputs.jsonl holds what this run's model said (with its interventions); the baseline beside it
+                main = name == "intervened" or not edits
+                path = out / ("outputs.jsonl" if main else "baseline_outputs.jsonl")
+                stores[f"{name}:outputs"] = session.write_outputs(
+                    dataset, OutputStore(path), req.generate, batch_size=cfg.batch_size, edits=plan_edits,
+                    prompt_fn=prompt_fn, description=f"Generating ({name})")
+        for kind in ("", ":outputs"):
+            if f"baseline{kind}" not in stores and f"intervened{kind}" in stores:
+                stores[f"baseline{kind}"] = stores.pop(f"intervened{kind}")
+        with analysis_threads():  # t-SNE and SVD crawl when BLAS threads fight over a small machine
+            result = analysis.analyze(session, dataset, stores)
         written = write_result(result, out)
         (out / "report.md").write_text(_report(cfg, record, result), encoding="utf-8")
-        record.update(status="complete", files=[str(p.relative_to(out)) for p in written])
+        outputs = sorted(p.name for p in out.glob("*outputs.jsonl"))
+        record.update(status="complete", files=[str(p.relative_to(out)) for p in written] + outputs)
         _write_json(out / "run.json", record)
     except BaseException as exc:
         record.update(status="failed" if not isinstance(exc, KeyboardInterrupt) else "interrupted",
@@ -128,8 +152,23 @@ def execute(cfg: RunConfig, registry: Registry, console: Any) -> tuple[Path, Res
     return out, result
 
 
+def _usable(dataset: Dataset, plugin: Any, record: dict[str, Any], console: Any) -> Dataset:
+    """Keep the items the model can take (Whisper takes speech only), saying how many were left out."""
+    kept = [it for it in dataset if plugin.accepts(it)]
+    if not kept:
+        raise UserError(f"None of the {len(dataset)} items can be fed to '{plugin.name}', which takes "
+                        f"{' and '.join(plugin.modalities)} input.")
+    if len(kept) < len(dataset):
+        skipped = len(dataset) - len(kept)
+        console.print(f"[yellow]Leaving out {skipped} of {len(dataset)} items[/yellow]: '{plugin.name}' takes "
+                      f"{' and '.join(plugin.modalities)} input only.")
+        record["dataset"]["left_out"] = skipped
+        return Dataset(kept, name=dataset.name)
+    return dataset
+
+
 def _report(cfg: RunConfig, record: dict[str, Any], result: Result) -> str:
-    lines = [f"# {record['analysis']['name']} on {cfg.model}", "",
+    lines = [f"# {record['analysis']['name']} on {split_spec(cfg.model)[0]}", "",
              f"- checkpoint: {cfg.checkpoint or 'default'}", f"- data: {cfg.data or DEFAULT_DATA} "
              f"({record['dataset'].get('evaluated_items')} items)",
              f"- interventions: {json.dumps(record.get('interventions', []))}", "", "## Summary", ""]

@@ -256,6 +256,9 @@ def _run_jobs(jobs: list[_Job], workers: int | None, progress: bool) -> None:
 PRESETS: dict[str, dict[str, list[str]]] = {
     "parallel": {"sentences": ["parallel"], "languages": ["en", "fr", "de", "es", "zh", "ja", "id"],
                  "voices": ["m1", "f2"], "conditions": ["clean"]},
+    # the default of `probe run`: small enough for a first run on a laptop CPU with a real model
+    "demo": {"sentences": ["s01", "s02", "s03", "s04"], "languages": ["en", "fr", "de", "es", "zh", "ja", "id"],
+             "voices": ["m1"], "conditions": ["clean"]},
     "paraphrase": {"sentences": ["paraphrase"], "languages": ["en"], "voices": ["m1", "f2"], "conditions": ["clean"]},
     "devices": {"sentences": ["parallel"], "languages": ["en"], "voices": ["m1", "f2"],
                 "conditions": ["clean", "telephone", "codec", "noise10db", "reverb"]},

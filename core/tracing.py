@@ -7,6 +7,7 @@ back plain tensors. Keeping nnsight behind this small surface means an nnsight A
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -28,6 +29,7 @@ class Op:
     ``fn(output, state)``; ``edit_input`` replaces ``(args, kwargs)`` by ``fn(args, kwargs, state)``.
     ``state`` is shared by all ops of a trace (edits can use earlier reads) and holds ``step`` during generation.
     ``steps``: decode steps the op runs at during generation (None: every step); step 1 is the prompt pass.
+    ``once``: the module runs once per input (an encoder), so during generation the op runs at step 1 only.
     """
 
     module: str
@@ -36,6 +38,7 @@ class Op:
     key: str | None = None
     steps: Sequence[int] | None = None
     order: int = 0
+    once: bool = False  # on a stack that runs once per input (an encoder): applied at step 1 only
 
 
 def _first(output: Any) -> torch.Tensor:
@@ -104,24 +107,45 @@ class Tracer:
         return {op.key: state[op.key] for op in ops if op.kind == "read"}
 
     def generate(self, inputs: dict[str, Any], ops: Sequence[Op], max_new_tokens: int,
-                 once_paths: set[str], **gen_kwargs: Any) -> tuple[dict[str, torch.Tensor], Any]:
-        """Run ``generate`` for exactly ``max_new_tokens`` steps, applying step-scoped ops at each step.
+                 until_eos: bool = False,
+                 **gen_kwargs: Any) -> tuple[dict[str, torch.Tensor], Any]:
+        """Run ``generate``, applying step-scoped ops at each step; returns (reads, generate's output).
 
-        Steps are numbered from 1 (the prompt pass, which predicts the first new token). Ops on modules in
-        ``once_paths`` (encoders, which run once per input) are applied at step 1 only. Each read returns the
+        Steps are numbered from 1 (the prompt pass, which predicts the first new token). Ops marked ``once``
+        (encoders, which run once per input) are applied at step 1 only. Each read returns the
         value from the last step it ran at (a read that pools over steps keeps its own running state).
+        By default exactly ``max_new_tokens`` tokens are made (end-of-sequence is suppressed until then, so
+        every row has every step); ``until_eos`` lets generation stop as it normally would.
         """
         ops = sorted(ops, key=lambda o: o.order)
         reads: dict[str, torch.Tensor] = {}
-        result: dict[str, Any] = {}
-        with torch.no_grad():
-            with self.envoy.trace(**inputs, fn=self.model.generate, max_new_tokens=max_new_tokens,
-                                  min_new_tokens=max_new_tokens, **gen_kwargs) as tracer:
-                for index in tracer.iter[0:max_new_tokens]:
+        box: dict[str, Any] = {}
+
+        def run_generate(*args: Any, **kwargs: Any) -> Any:
+            box["output"] = self.model.generate(*args, **kwargs)
+            return box["output"]
+
+        # nnsight advances a loop step only when the body touches a module, so an open-ended loop needs an op
+        # that runs at every step; otherwise the loop stops after the last step any op needs, and generation
+        # goes on untouched.
+        every_step = any(op.steps is None and not op.once for op in ops)
+        last = max((max(op.steps) for op in ops if op.steps is not None and not op.once), default=1)
+        if not until_eos:
+            gen_kwargs["min_new_tokens"] = max_new_tokens
+        elif not ops:
+            with torch.no_grad():
+                return {}, self.model.generate(**inputs, max_new_tokens=max_new_tokens, **gen_kwargs)
+        steps = range(max_new_tokens) if not until_eos else (None if every_step else range(min(last, max_new_tokens)))
+        with torch.no_grad(), warnings.catch_warnings():
+            # An open-ended loop ends when generation stops; nnsight reports the step it waited for.
+            warnings.filterwarnings("ignore", message=".*was never reached.*")
+            with self.envoy.trace(**inputs, fn=run_generate, max_new_tokens=max_new_tokens,
+                                  **gen_kwargs) as tracer:
+                for index in (tracer.iter[:] if steps is None else tracer.iter[steps.start:steps.stop]):
                     step = index + 1
                     state: dict[str, Any] = {"step": step}
                     for op in ops:
-                        if op.module in once_paths:
+                        if op.once:
                             if step != 1:
                                 continue
                         elif op.steps is not None and step not in op.steps:
@@ -129,8 +153,7 @@ class Tracer:
                         _apply(self._env(op.module), op, state)
                         if op.kind == "read":
                             reads[op.key] = state[op.key]
-                result["output"] = tracer.result.save()
-        return reads, result["output"]
+        return reads, box["output"]
 
 
 def _apply(env: Any, op: Op, state: dict) -> None:

@@ -126,8 +126,12 @@ class LogitLens(Analysis):
             raise UserError(f"Model '{session.plugin.name}' has no stack with an unembedding for the logit lens.")
         return name
 
-    def label_set(self, dataset: Dataset) -> tuple[list[Any], list[str]]:
-        """Label values Y (the AudioLens set for a known attribute, else the values in the data) and their words."""
+    def label_set(self, dataset: Dataset, model_words: dict[str, str] | None = None) -> tuple[list[Any], list[str]]:
+        """Label values Y (the AudioLens set for a known attribute, else the values in the data) and their words.
+
+        A word is taken from ``words``, else from how the model spells the label (``model_words``: Whisper's
+        ``<|de|>`` for language ``de``), else it is the value itself.
+        """
         values = dataset.label_values(self.label)
         present = sorted({str(v) for v in values})
         if self.attribute:
@@ -142,7 +146,8 @@ class LogitLens(Analysis):
             ys = canonical
         else:
             ys = present
-        words = [str((self.words or {}).get(y, y)) for y in ys]
+        lookup = {**(model_words or {}), **(self.words or {})}
+        words = [str(lookup.get(y, y)) for y in ys]
         return ys, words
 
     def _targets(self, dataset: Dataset, ys: list[str]) -> np.ndarray:
@@ -181,7 +186,7 @@ class LogitLens(Analysis):
         ids = [it.id for it in dataset]
         label_ids = ys = targets = None
         if self.label:
-            ys, words = self.label_set(dataset)
+            ys, words = self.label_set(dataset, None if self.attribute else session.plugin.label_words(self.label))
             label_ids = label_token_ids(session.plugin.tokenizer, words, self.token == "space")
             targets = self._targets(dataset, ys)
         out: dict[str, Any] = {"labels": ys, "targets": targets, "positions": {}}
@@ -246,6 +251,12 @@ class LogitLens(Analysis):
                          for layer in range(lp.shape[0])]
                 result.figures[f"information_score_{name}_{pos.replace(':', '')}"] = score_plot(
                     curves, len(ys), self.alpha, f"{self.label}: information score per layer ({tag})")
+        curve = information_scores(base["positions"][last]["label_probs"], targets)
+        resolved = int(np.argmax(curve >= 0.9 * curve.max())) + 1
+        result.summary["finding"] = (
+            f"'{self.label}' is read off the lens at {last} with accuracy {curve[-1]:.0%} at the last layer "
+            f"(chance {1 / len(ys):.0%}); the information score first reaches 90% of its peak at layer "
+            f"{resolved} of {len(curve)}.")
         result.summary["labels"] = ys
         result.summary["chance"] = 1 / len(ys)
         result.summary["correct / incorrect items"] = f"{int(correct.sum())} / {int((~correct).sum())}"

@@ -182,7 +182,24 @@ def test_edit_at_all_positions_follows_generation(qwen_session):
 
 
 def test_step_positions_need_a_per_step_stack(qwen_session):
-    with pytest.raises(UserError, match="runs once per input"):
+    with pytest.raises(UserError, match="run once per input"):
         qwen_session.generate(dataset(1).items, 2, ["audio_encoder.0.out"], ["step:1"])
     with pytest.raises(UserError, match="numbered from 1"):
         qwen_session.generate(dataset(1).items, 2, ["lm.0.out"], ["step:0"])
+
+
+def test_outputs_stop_at_end_of_sequence_with_edits_at_every_step(qwen_session, tmp_path):
+    from lalm_probe.core.store import OutputStore
+
+    data = dataset(3)
+    plain = qwen_session.write_outputs(data, OutputStore(tmp_path / "a.jsonl"), 6, batch_size=2).load()
+    model = qwen_session.plugin.model
+    prepared = qwen_session.prepare(data.items[:2])
+    with torch.no_grad():
+        ids = model.generate(**prepared.inputs, max_new_tokens=6, do_sample=False)
+    assert [r["output"] for r in plain[:2]] == [o["output"] for o in qwen_session.plugin.decode_outputs(ids, prepared)]
+    vec = 5 * torch.ones(model.config.text_config.hidden_size)
+    edited = qwen_session.write_outputs(data, OutputStore(tmp_path / "b.jsonl"), 6, batch_size=2, edits=[
+        Edit(site="lm.4.out", op="add", positions="last", value=vec)]).load()
+    assert [r["id"] for r in edited] == [it.id for it in data]
+    assert not (tmp_path / "b.jsonl.partial").exists()

