@@ -12,6 +12,7 @@ import warnings
 from typing import Sequence
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import UserError
@@ -22,7 +23,7 @@ err_console = Console(stderr=True)
 
 def _one_line_warnings() -> None:
     def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001 - warnings API
-        err_console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+        err_console.print(f"[yellow]warning:[/yellow] {escape(str(message))}", highlight=False)
 
     warnings.showwarning = show
 
@@ -142,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as exc:
-        err_console.print(f"[red]error:[/red] {exc}", highlight=False)
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)  # keeps [lists]
         return 2
     except KeyboardInterrupt:
         err_console.print("[red]interrupted[/red]; rerun with the same --out to resume the collection.")

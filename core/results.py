@@ -80,6 +80,7 @@ def write_result(result: Result, out: Path) -> list[Path]:
 
 def render(result: Result, console: Any, title: str) -> None:
     """Print the summary and the tables marked ``show`` with rich."""
+    from rich.markup import escape
     from rich.table import Table as RichTable
 
     if result.summary:
@@ -100,7 +101,7 @@ def render(result: Result, console: Any, title: str) -> None:
             t.caption = f"{len(table.rows) - 40} more rows in results.json"
         console.print(t)
     for note in result.notes:
-        console.print(f"[dim]{note}[/dim]")
+        console.print(f"[dim]{escape(note)}[/dim]")  # a note may name options such as compare=[language]
 
 
 def _fmt(v: Any) -> str:

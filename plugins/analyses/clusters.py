@@ -1,6 +1,6 @@
 """Cluster structure of per-layer representations ("Demystifying representation alignment…" = seed 000).
 
-Per layer, each item is one vector (the last position by default, as in the paper; or the mean). The paper maps
+Per layer, each item is one vector (the last position, as in the paper, or the mean). The paper maps
 the vectors to 2-D with t-SNE, scores clusters with the silhouette *in that 2-D projection*, and reads Euclidean
 distances between chosen items (its Tables 2-3) and between cluster centroids.
 
@@ -21,6 +21,10 @@ Documented choices:
   norm; ``normalize=true`` L2-normalises each vector before distances and centroids (t-SNE and silhouettes are
   always computed on the raw vectors). Centroid c_g = mean of the vectors of group g; D[g, h] = ||c_g − c_h||.
 - Layers are the site indices of the stack (0 = output of the first block).
+- Position: ``auto`` (default) reads the last position on a stack that runs per decode step (an LM or text
+  decoder, the paper's setting) and the mean over the valid positions on an encoder, whose last position is only
+  the end of the clip (on Whisper base its deep states are dominated by a few outlier units, and language
+  silhouettes there fall below zero while the mean's stay positive).
 """
 
 from __future__ import annotations
@@ -154,7 +158,7 @@ class Clusters(Analysis):
 
     stack: str | None = None  # default: the lens stack (the LM), else the first stack
     site: str = "out"  # a per-layer component, or a stack-level extra (e.g. adaptor, projector)
-    position: str = "last"  # last (the paper) or mean
+    position: str = "auto"  # auto: last on an LM / decoder (the paper), mean on an encoder; or last, mean, …
     labels: list[str] | None = None  # default: language, semantic_id, modality + speaker/gender/condition/voice
     space: str = "tsne"  # silhouette in the 2-D t-SNE map (paper), the full space, or both
     plot_layers: list[int] | None = None  # t-SNE scatters and distance tables; default first / middle / last
@@ -189,8 +193,8 @@ class Clusters(Analysis):
         reps.layer_sites(session, stack, self.site)
         chosen = self._labels(dataset)
         every = [k for k in chosen if all(k in it.labels for it in dataset)]
-        return Requirements(sites=[reps.site_pattern(session, stack, self.site)], positions=[self.position],
-                            labels=every)
+        return Requirements(sites=[reps.site_pattern(session, stack, self.site)],
+                            positions=[reps.resolve_position(session, stack, self.position)], labels=every)
 
     @capped
     def analyze(self, session: Any, dataset: Dataset, stores: dict[str, Any]) -> Result:
@@ -199,10 +203,13 @@ class Clusters(Analysis):
         labels = self._labels(dataset)
         spaces = ["tsne", "full"] if self.space == "both" else [self.space]
         shown = reps.spread_layers([layer for layer, _ in sites], self.plot_layers)
-        result = Result(summary={"stack": stack, "site": self.site, "position": self.position,
+        position = reps.resolve_position(session, stack, self.position)
+        result = Result(summary={"stack": stack, "site": self.site, "position": position,
                                  "silhouette space": self.space, "distances normalised": self.normalize})
+        if self.position == "auto" and position == "mean":
+            result.notes.append(reps.auto_position_note(stack, position))
         for run, store in stores.items():
-            items = reps.items_reaching(dataset, store, stack, f"{sites[0][1]}@{self.position}",
+            items = reps.items_reaching(dataset, store, stack, f"{sites[0][1]}@{position}",
                                         result.notes if run == "baseline" else None)
             if len(items) < 3:
                 raise UserError(f"clusters needs at least 3 items; the store holds {len(items)} with '{stack}' "
@@ -216,7 +223,7 @@ class Clusters(Analysis):
             rows, curves, coords = [], {(k, s): [] for k in scored for s in spaces}, {}
             dist_rows, cent_rows = [], []
             for layer, site in sites:
-                x = reps.load_layer(store, site, self.position, ids)
+                x = reps.load_layer(store, site, position, ids)
                 row: dict[str, Any] = {"run": run, "layer": layer, "mean_norm": float(np.linalg.norm(x, axis=1).mean())}
                 emb = tsne_2d(x, self.seed, self.perplexity) if ("tsne" in spaces or layer in shown) else None
                 if emb is not None:
@@ -274,6 +281,8 @@ class Clusters(Analysis):
             mask = np.array([key in it.labels for it in items])
             values = [str(it.labels[key]) for it in items if key in it.labels]
             problem = silhouette_problem(values) if values else "no item carries it"
+            if problem == "fewer than two classes":
+                problem += f" (every item is '{values[0]}')"
             if problem is None and mask.sum() < 3:
                 problem = "fewer than 3 items carry it"
             if problem:

@@ -15,8 +15,16 @@ languages where w never occurs; tokens seen in no language get 1/|languages|. Fo
 (``tokenizer.vocab_size``, no added special tokens) and renormalised. Tokens are counted without special tokens.
 The lens skips the final norm by default (``norm=false``), as the reference code does for layers < L.
 The paper averages over every token position of long texts; here each item contributes its ``position`` state
-(``last`` by default). With the small built-in corpus the token table is noisy; pass ``corpus=<file>`` with more
-text (lines ``language<TAB>text`` or JSONL with ``language`` and ``text``) for stable estimates.
+(``auto``: the last position on an LM / decoder, the mean over the valid positions on an encoder). With the small
+built-in corpus the token table is noisy; pass ``corpus=<file>`` with more text (lines ``language<TAB>text`` or
+JSONL with ``language`` and ``text``) for stable estimates. ``table_mass`` = Σ_w p_lens(w|h) over the tokens the
+table has seen: where it is small, p(z|h) is mostly the uniform prior of unseen tokens, not evidence (Whisper's
+decoder at ``<|startoftranscript|>`` puts its mass on language tokens, outside the base vocabulary).
+
+Part (b) needs an unembedding: ``language_lens`` unset runs it where the stack has one (an LM / text decoder) and
+skips it, with a note, on an encoder; ``language_lens=true`` on an encoder is an error. A model that takes speech
+only (Whisper) has no text side: ``compare=[modality]`` alone is refused before collection and, beside
+``language``, the cross-modal part is skipped with a note.
 """
 
 from __future__ import annotations
@@ -163,13 +171,13 @@ class Hub(Analysis):
     description: ClassVar[str] = "Semantic hub: baseline-adjusted cosine (Eq. 1) and lens language distribution"
 
     stack: str | None = None  # default: the lens stack
-    position: str = "last"  # the reference uses the last position
+    position: str = "auto"  # auto: last on an LM / decoder (the reference), mean on an encoder
     compare: list[str] = field(default_factory=lambda: ["modality", "language"])
     pairs: str = "dominant"  # cross-lingual pairs: each language vs the dominant one, or all pairs
     dominant: str = "en"
     ci: str = "t"  # t-interval or bootstrap over pairs
     similarity: bool = True  # part (a)
-    language_lens: bool = True  # part (b)
+    language_lens: bool | None = None  # part (b); unset: on where the stack has an unembedding
     norm: bool = False  # apply the final norm in the lens (the reference does not)
     corpus: str = "auto"  # auto | dataset | builtin | path to a language<TAB>text or JSONL file
     chunk: int = 64  # items projected at once
@@ -182,43 +190,74 @@ class Hub(Analysis):
             raise UserError(f"hub: ci must be 't' or 'bootstrap', got '{self.ci}'.")
         if set(self.compare) - {"modality", "language"}:
             raise UserError(f"hub: compare takes 'modality' and/or 'language', got {self.compare}.")
-        if not (self.similarity or self.language_lens):
+        if not (self.similarity or self.language_lens is not False):
             raise UserError("hub: both parts are switched off (similarity=false, language_lens=false).")
+
+    def _lens_on(self, session: Any, stack: str) -> bool:
+        """Whether part (b) runs: as asked, or (unset) where the stack has an unembedding."""
+        has = getattr(session.plugin.resolved[stack], "unembed", None) is not None
+        if self.language_lens and not has:
+            lens_stack = getattr(session.plugin, "lens_stack", None)
+            raise UserError(f"hub: the language lens needs a stack with an unembedding and '{stack}' has none; "
+                            "pass language_lens=false (or leave it unset) to compare representations only"
+                            + (f", or stack={lens_stack} for the lens." if lens_stack else "."))
+        return has if self.language_lens is None else bool(self.language_lens)
 
     def requirements(self, session: Any, dataset: Dataset) -> Requirements:
         stack = reps.resolve_stack(session, self.stack)
         reps.layer_sites(session, stack, "out")
-        if self.language_lens and getattr(session.plugin.resolved[stack], "unembed", None) is None:
-            raise UserError(f"hub: the language lens needs a stack with an unembedding and '{stack}' has none; "
-                            "pass language_lens=false to compare representations only.")
+        lens = self._lens_on(session, stack)  # raises when asked for on a stack without an unembedding
+        if not (self.similarity or lens):
+            raise UserError(f"hub: nothing to compute: similarity=false and '{stack}' has no unembedding for "
+                            "the language lens.")
+        if self.similarity and self.compare == ["modality"]:
+            problem = reps.text_side_missing(session, dataset)
+            if problem:
+                raise UserError(f"hub: compare=[modality] scores speech against the text of the same sentences, "
+                                f"but {problem}. Use compare=[language] for speech vs speech across languages.")
         labels = ["language"] + (["semantic_id"] if self.similarity else [])
-        return Requirements(sites=[f"{stack}.*.out"], positions=[self.position], labels=labels)
+        position = reps.resolve_position(session, stack, self.position)
+        return Requirements(sites=[f"{stack}.*.out"], positions=[position], labels=labels)
 
     @capped
     def analyze(self, session: Any, dataset: Dataset, stores: dict[str, Any]) -> Result:
         stack = reps.resolve_stack(session, self.stack)
         layers = [layer for layer, _ in reps.layer_sites(session, stack, "out")]
-        result = Result(summary={"stack": stack, "position": self.position, "lens final norm": self.norm})
-        table = self._token_table(session, dataset, result) if self.language_lens else None
+        position = reps.resolve_position(session, stack, self.position)
+        lens = self._lens_on(session, stack)
+        result = Result(summary={"stack": stack, "position": position, "language lens": lens})
+        if lens:
+            result.summary["lens final norm"] = self.norm
+        elif self.language_lens is None:
+            result.notes.append(f"Language lens (part b) skipped: '{stack}' has no unembedding to read tokens "
+                                "from; only the baseline-adjusted cosine (part a) is computed.")
+        if self.position == "auto" and position == "mean":
+            result.notes.append(reps.auto_position_note(stack, position))
+        if self.similarity and "modality" in self.compare:
+            problem = reps.text_side_missing(session, dataset)
+            if problem:
+                result.notes.append(f"Cross-modal (speech vs text) comparisons skipped: {problem}.")
+        table = self._token_table(session, dataset, result) if lens else None
         for run, store in stores.items():
-            items = reps.items_reaching(dataset, store, stack, f"{stack}.{layers[0]}.out@{self.position}",
+            items = reps.items_reaching(dataset, store, stack, f"{stack}.{layers[0]}.out@{position}",
                                         result.notes if run == "baseline" else None)
             ids = [it.id for it in items]
             pairs = self._pairs(items, result, run) if self.similarity else []
             scores = {name: np.zeros((len(layers), 5)) for name, _, _ in pairs}  # mean, lo, hi, matched, off
             probs = np.zeros((len(layers), len(items), len(table[0]))) if table else None
+            mass = np.zeros((len(layers), len(items))) if table else None
             for li, layer in enumerate(layers):  # one layer in memory at a time
-                x = reps.load_layer(store, f"{stack}.{layer}.out", self.position, ids)
+                x = reps.load_layer(store, f"{stack}.{layer}.out", position, ids)
                 for name, ra, rb in pairs:
                     per_pair, off = baseline_adjusted_cosine(x[ra], x[rb])
                     m, lo, hi = mean_ci(per_pair, method=self.ci, seed=self.seed)
                     scores[name][li] = m, lo, hi, m + off, off
                 if table is not None:
-                    probs[li] = self._lens_probs(session, stack, x, table[1])
+                    probs[li], mass[li] = self._lens_probs(session, stack, x, table[1], table[2])
             if pairs:
                 self._report_similarity(result, run, scores, {n: len(ra) for n, ra, _ in pairs}, layers)
             if table is not None:
-                self._report_lens(result, run, items, probs, table[0], layers)
+                self._report_lens(result, run, items, probs, mass, table[0], layers)
         return result
 
     # ---- (a) --------------------------------------------------------------------------------------------
@@ -306,7 +345,9 @@ class Hub(Analysis):
                     out.setdefault(s.language, []).append(s.text)
         return out
 
-    def _token_table(self, session: Any, dataset: Dataset, result: Result) -> tuple[list[str], np.ndarray]:
+    def _token_table(self, session: Any, dataset: Dataset, result: Result
+                     ) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """Languages, p(language | token) and which tokens the table has seen at all."""
         tok = session.plugin.tokenizer
         vocab = int(getattr(tok, "vocab_size", 0) or len(tok))
         texts = self.texts(dataset)
@@ -320,21 +361,37 @@ class Hub(Analysis):
         if self.dominant not in langs:
             result.notes.append(f"The dominant language '{self.dominant}' has no text in the token table, "
                                 "so p(dominant | h) is not reported.")
-        return langs, language_given_token(counts)
+        return langs, language_given_token(counts), counts.sum(axis=1) > 0
 
-    def _lens_probs(self, session: Any, stack: str, x: np.ndarray, p_tok: np.ndarray) -> np.ndarray:
-        """p(language | h) for every row of x, projecting ``chunk`` rows at a time (vocabularies are large)."""
-        out = np.zeros((len(x), p_tok.shape[1]))
+    def _lens_probs(self, session: Any, stack: str, x: np.ndarray, p_tok: np.ndarray, seen: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        """p(language | h) for every row of x and the lens mass on tokens the table has seen (``table_mass``),
+        projecting ``chunk`` rows at a time (vocabularies are large)."""
+        out, mass = np.zeros((len(x), p_tok.shape[1])), np.zeros(len(x))
         for start in range(0, len(x), self.chunk):
             logits = session.lens(x[start:start + self.chunk], stack, self.norm)
             logits = logits.detach().float().cpu().numpy() if hasattr(logits, "detach") else np.asarray(logits)
             # an unembedding narrower than the tokenizer cannot predict the extra tokens: drop them from the table
-            out[start:start + self.chunk] = language_given_hidden(logits, p_tok[:logits.shape[-1]])
-        return out
+            v = min(logits.shape[-1], p_tok.shape[0])
+            p_lens = softmax(np.asarray(logits, dtype=np.float64)[..., :v], axis=-1)  # language_given_hidden's
+            out[start:start + self.chunk] = p_lens @ p_tok[:v]
+            mass[start:start + self.chunk] = p_lens @ seen[:v].astype(np.float64)
+        return out, mass
 
-    def _report_lens(self, result: Result, run: str, items: list, probs: np.ndarray, langs: list[str],
-                     layers: list) -> None:
+    def _report_lens(self, result: Result, run: str, items: list, probs: np.ndarray, mass: np.ndarray,
+                     langs: list[str], layers: list) -> None:
         result.arrays[f"{run}/language_lens/p_language"] = probs  # (layers, items, languages)
+        result.arrays[f"{run}/language_lens/table_mass"] = mass  # (layers, items): lens mass on counted tokens
+        if run == "baseline":
+            per_layer = mass.mean(axis=1)
+            result.summary["lens mass on counted tokens (min, max over layers)"] = [float(per_layer.min()),
+                                                                                    float(per_layer.max())]
+            if per_layer.max() < 0.1:
+                result.notes.append(f"Under the lens at most {per_layer.max():.1%} of the probability (mean over "
+                                    "items, per layer) falls on tokens the token table has seen, so p(language | h) "
+                                    "stays near the uniform prior of unseen tokens and is not evidence; pass "
+                                    "corpus=<file> with more text, or read a position where the model predicts "
+                                    "words (e.g. after a forced language prompt).")
         result.arrays["token_table/languages"] = np.array(langs)
         col = {lang: j for j, lang in enumerate(langs)}
         dom = col.get(self.dominant)
@@ -349,10 +406,12 @@ class Hub(Analysis):
             p_dom = p[:, :, dom].mean(axis=1) if dom is not None else nan
             ent = entropy(p).mean(axis=1)
             top = p.mean(axis=1).argmax(axis=-1)
+            covered = mass[:, members].mean(axis=1)
             curves[(mod, lang)] = (p_in, p_dom)
             rows += [{"run": run, "modality": mod, "input_language": lang, "layer": layer, "items": len(members),
                       "p_input": p_in[li], f"p_{self.dominant}": p_dom[li], "entropy": ent[li],
-                      "top_language": langs[int(top[li])]} for li, layer in enumerate(layers)]
+                      "top_language": langs[int(top[li])], "table_mass": covered[li]}
+                     for li, layer in enumerate(layers)]
         result.tables.append(Table(f"Lens language distribution p(language | h) per layer ({run})", rows,
                                    show=len(groups) <= 2))
         if len(groups) > 2:  # a compact view: own-language vs dominant-language probability per modality

@@ -39,6 +39,40 @@ def layer_sites(session: Any, stack: str, site: str) -> list[tuple[Layer, str]]:
     return [(i, f"{stack}.{i}.{site}") for i in range(st.num_layers)]
 
 
+def resolve_position(session: Any, stack: str, position: str) -> str:
+    """``position`` as given; ``auto`` is ``last`` on an LM or decoder and ``mean`` on an encoder.
+
+    An LM / decoder (the model's lens stack, a stack with an unembedding, or one that runs per decode step) is
+    causal: its last position has read the whole input (the papers' choice). Any other stack is an encoder:
+    bidirectional, and its last position is only the end of the clip (on Whisper, the last 20 ms frame, whose
+    deep states are dominated by a few outlier units), so the utterance is its mean over the valid positions.
+    """
+    if position != "auto":
+        return position
+    st = session.plugin.resolved[stack]
+    causal = (stack == getattr(session.plugin, "lens_stack", None) or getattr(st, "unembed", None) is not None
+              or st.spec.runs == "per_step")
+    return "last" if causal else "mean"
+
+
+def auto_position_note(stack: str, position: str) -> str:
+    """The note a run gets when ``position=auto`` chose the mean for an encoder stack."""
+    return (f"position=auto: the mean over the valid positions of '{stack}' (it runs once over the whole input, "
+            "so its last position is only the end of the clip); pass position=last to read that instead.")
+
+
+def text_side_missing(session: Any, dataset: Dataset) -> str | None:
+    """Why no text item can stand beside the speech (None when the data hold text items)."""
+    if any(modality_of(it) == "text" for it in dataset):
+        return None
+    plugin = session.plugin
+    modalities = getattr(plugin, "modalities", None)
+    if modalities is not None and "text" not in modalities:
+        return (f"'{plugin.name}' takes speech input only and has no text encoder, so a sentence has no "
+                "text-side representation to compare its speech with")
+    return "the data hold no text items (modality=text) to pair with the speech by semantic_id"
+
+
 def site_pattern(session: Any, stack: str, site: str) -> str:
     """The pattern the engine expands: ``stack.*.site`` for a per-layer component, ``stack.extra`` otherwise."""
     st = session.plugin.resolved[stack]

@@ -19,6 +19,9 @@ Random baseline: the same pipeline on non-parallel pairs — the pairing of one 
 ``baseline_permutations`` permutations. Shuffling rows does not change either side's SVD or covariance, only
 Σxy, so the baseline reuses the whitened data and costs one small SVD per permutation. With few items CCA
 overfits (n ≈ k gives correlations near 1 for anything), so the baseline belongs next to every score.
+
+A model that takes speech only (Whisper) has no text encoder, so there is no text side: ``compare=[modality]``
+alone is refused before any collection, and beside ``language`` the cross-modal part is skipped with a note.
 """
 
 from __future__ import annotations
@@ -192,6 +195,12 @@ class SVCCAAnalysis(Analysis):
             if reps.site_pattern(session, name, self.site) != f"{name}.*.{self.site}":
                 raise UserError(f"svcca compares layers; '{self.site}' is a stack-level extra of '{name}'.")
             reps.layer_sites(session, name, self.site)
+        if self.compare == ["modality"]:
+            problem = reps.text_side_missing(session, dataset)
+            if problem:
+                raise UserError(f"svcca: cross-modal SVCCA compares the speech and the text of the same sentences, "
+                                f"but {problem}. Use compare=[language] for cross-lingual SVCCA (speech vs "
+                                "speech, per layer).")
         sites = list(dict.fromkeys(f"{s}.*.{self.site}" for s in stacks.values()))
         return Requirements(sites=sites, positions=[self.position], labels=["semantic_id", "language"])
 
@@ -201,6 +210,11 @@ class SVCCAAnalysis(Analysis):
         depth = {m: session.plugin.resolved[s].num_layers for m, s in stacks.items()}
         result = Result(summary={"stacks": dict(stacks), "position": self.position, "variance (s²)": self.variance,
                                  "baseline permutations": self.baseline_permutations})
+        text_problem = reps.text_side_missing(session, dataset) if "modality" in self.compare else None
+        if text_problem:
+            result.notes.append(f"Cross-modal SVCCA (speech vs text) skipped: {text_problem}."
+                                + (" Only cross-lingual (speech vs speech) SVCCA is computed."
+                                   if "language" in self.compare else ""))
         for run, store in stores.items():
             items = self._reaching(dataset, store, stacks, result.notes if run == "baseline" else None)
             index, dropped = reps.parallel_index(items)
@@ -214,12 +228,17 @@ class SVCCAAnalysis(Analysis):
             reader = _Reader(store, [it.id for it in items], stacks, self.site, self.position, self.variance,
                              self.epsilon)
             found = 0
-            if "modality" in self.compare:
+            if "modality" in self.compare and not text_problem:
                 found += self._cross_modal(result, run, index, reader, depth)
             if "language" in self.compare:
                 found += self._cross_lingual(result, run, index, reader, depth)
             if run == "baseline" and reader.ks:
                 result.summary["SVD step: k kept (min, max)"] = [min(reader.ks), max(reader.ks)]
+                fewest = min(len(ids) for ids in reader.compared)
+                if max(reader.ks) >= fewest / 2:
+                    result.notes.append(f"Few items for CCA: up to {max(reader.ks)} SVD directions kept for as few "
+                                        f"as {fewest} paired items, so canonical correlations are high for any "
+                                        "pairing; read each score against its baseline, or add sentences.")
             if not found:
                 raise UserError("svcca found no pair of groups sharing at least "
                                 f"{self.min_items} semantic ids (speech and text of one language, or two "
@@ -273,6 +292,7 @@ class SVCCAAnalysis(Analysis):
                 best = int(np.nanargmax(gain))
                 result.summary[f"cross-modal {lang}: best layer (svcca - baseline)"] = layer_pairs[best][0]
                 result.summary[f"cross-modal {lang}: svcca / baseline there"] = [arr[best, 0], arr[best, 1]]
+                _note_no_gain(result, f"Cross-modal {lang}", gain[best])
         result.tables.append(Table(f"Cross-modal SVCCA per layer (speech vs text) ({run})", rows))
         result.figures[f"svcca_crossmodal_{run}"] = _curve_plot(
             curves, [p[0] for p in layer_pairs], f"Cross-modal SVCCA, speech vs text ({run})",
@@ -326,6 +346,7 @@ class SVCCAAnalysis(Analysis):
                 result.summary[f"cross-lingual {modality}: best layer (mean svcca - baseline)"] = best
                 result.summary[f"cross-lingual {modality}: svcca / baseline there"] = [mean_sim[best],
                                                                                        mean_base[best]]
+                _note_no_gain(result, f"Cross-lingual {modality}", gain[best])
             result.figures[f"svcca_crosslingual_{modality}_{run}"] = _curve_plot(
                 {"mean over language pairs": np.stack([mean_sim, mean_base], 1)}, list(range(n_layers)),
                 f"Cross-lingual SVCCA, {modality} ({run})", "layer")
@@ -333,6 +354,14 @@ class SVCCAAnalysis(Analysis):
             result.figures[f"svcca_languages_{modality}_{run}"] = _heatmaps(
                 sim, langs, shown, f"Cross-lingual SVCCA between {modality} of each language pair ({run} run)")
         return found
+
+
+def _note_no_gain(result: Result, what: str, best_gain: float) -> None:
+    """Say so when no layer beats the shuffled baseline: the "best layer" is then only the least bad one."""
+    if np.isfinite(best_gain) and best_gain <= 0:
+        result.notes.append(f"{what}: SVCCA is at or below the shuffled-pairs baseline at every layer (best "
+                            f"difference {best_gain:+.3f}), so the same sentences are no more aligned than "
+                            "random pairs; its 'best layer' is only the least bad one.")
 
 
 def _offdiag_mean(mats: np.ndarray, off: np.ndarray) -> np.ndarray:
@@ -360,6 +389,7 @@ class _Reader:
         self._raw: dict[str, np.ndarray] = {}
         self._reduced: dict[tuple, tuple[np.ndarray, int]] = {}
         self.ks: list[int] = []  # every k the SVD step kept, for the summary
+        self.compared: list[tuple[str, ...]] = []  # the id lists reduced, for the small-sample note
 
     def clear(self) -> None:
         self._raw.clear()
@@ -375,6 +405,7 @@ class _Reader:
             r = svd_reduce(self._raw[site][[self.row[stack][i] for i in ids]], self.variance)
             self._reduced[key] = (whiten(r, self.epsilon), r.shape[1])
             self.ks.append(r.shape[1])
+            self.compared.append(tuple(ids))
         return self._reduced[key]
 
     def compare(self, a: tuple[str, int, list[str]], b: tuple[str, int, list[str]], permutations: int,

@@ -220,7 +220,9 @@ def test_hub_on_the_audio_encoder_with_all_pairs_and_bootstrap_cis(probe):
 
 
 def test_hub_lens_needs_an_unembedding(capsys, tmp_path):
-    code = main(["run", "--model", "qwen2audio", "--checkpoint", "tiny", "--analysis", "hub:stack=audio_encoder",
+    """Asked for on an encoder, the lens is an error (left unset, it is skipped with a note)."""
+    code = main(["run", "--model", "qwen2audio", "--checkpoint", "tiny", "--analysis",
+                 "hub:stack=audio_encoder,language_lens=true",
                  "--data", DATA, "--out", str(tmp_path / "run")])
     assert code == 2 and "language_lens=false" in capsys.readouterr().err
 

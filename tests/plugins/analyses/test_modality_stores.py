@@ -118,12 +118,13 @@ def test_svcca_on_a_stack_text_never_reaches_compares_speech_only(tmp_path):
 def test_clusters_and_hub_on_the_speech_stack_use_speech_items(tmp_path):
     items = _items()
     store, session = _store(tmp_path, items, "last", lm=False), _session()
-    result = Clusters(stack="enc", labels=["semantic_id", "language"], space="full").analyze(
+    result = Clusters(stack="enc", position="last", labels=["semantic_id", "language"], space="full").analyze(
         session, Dataset(items), {"baseline": store})
     assert len(result.arrays["baseline/ids"]) == N_SENT * 3
     sil = result.arrays["baseline/silhouette/semantic_id/full"]
     assert sil.shape == (ENC,) and (sil > 0.5).all()  # enc rows carry the sentence
     assert any("never reach 'enc'" in n for n in result.notes)
-    hub = Hub(stack="enc", language_lens=False).analyze(session, Dataset(items), {"baseline": store})
+    hub = Hub(stack="enc", position="last", language_lens=False).analyze(session, Dataset(items),
+                                                                          {"baseline": store})
     assert {k.split("/")[-1] for k in hub.arrays if "/similarity/" in k} == {"speech: de vs en", "speech: fr vs en"}
     assert (hub.arrays["baseline/similarity/speech: de vs en"][:, 1] > 0.5).all()  # CI low: matched pairs align
