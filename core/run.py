@@ -148,7 +148,7 @@ def execute(cfg: RunConfig, registry: Registry, console: Any) -> tuple[Path, Res
         _write_json(out / "run.json", record)
         raise
     render(result, console, f"{analysis.name} on {cfg.model}")
-    console.print(f"Run written to [bold]{out}[/bold]")
+    console.print(f"Run written to [bold]{out}[/bold]", soft_wrap=True)
     return out, result
 
 

@@ -347,5 +347,5 @@ def run_synth(args: argparse.Namespace) -> int:
     n_speech = sum(it.has_audio for it in ds)
     Console().print(f"[bold green]{len(ds)} items[/] ({n_speech} speech, {len(ds) - n_speech} text) in "
                     f"{time.perf_counter() - start:.1f} s\nmanifest: [bold]{out / 'manifest.jsonl'}[/]\n"
-                    f"use it with: --data {out / 'manifest.jsonl'}")
+                    f"use it with: --data {out / 'manifest.jsonl'}", soft_wrap=True)  # paths stay copyable
     return 0
