@@ -35,6 +35,16 @@ class Generation:
     outputs: list[dict[str, Any]]
 
 
+def _first_row(prepared: Prepared) -> dict[str, Any]:
+    """The inputs cut to the first row when every tensor is batched on dim 0: which module runs when does not
+    depend on the batch size, and one row costs 1/B of the forward pass that records it."""
+    n = len(prepared.rows)
+    tensors = [v for v in prepared.inputs.values() if isinstance(v, torch.Tensor)]
+    if n < 2 or not tensors or any(v.ndim == 0 or v.shape[0] != n for v in tensors):
+        return prepared.inputs
+    return {k: v[:1] if isinstance(v, torch.Tensor) else v for k, v in prepared.inputs.items()}
+
+
 class ForcePrefix(LogitsProcessor):
     """Makes greedy decoding emit given tokens first, so activations match teacher forcing on that prefix."""
 
@@ -110,7 +120,7 @@ class Session:
         order = self._orders_by_inputs.get(kind, {})
         missing = [p for p in paths if p not in order]
         if missing:
-            order = self.tracer.execution_order(prepared.inputs, list(order) + missing)
+            order = self.tracer.execution_order(_first_row(prepared), list(order) + missing)
             self._orders_by_inputs[kind] = order
         return order
 
