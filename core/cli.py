@@ -1,4 +1,4 @@
-"""The ``probe`` command line: ``list``, ``info``, ``run`` and ``data synth``.
+"""The ``probe`` command line: ``list``, ``info``, ``check``, ``run`` and ``data synth``.
 
 User errors print one line and exit with status 2; no traceback. Anything else is a bug and keeps its traceback.
 """
@@ -6,10 +6,11 @@ User errors print one line and exit with status 2; no traceback. Anything else i
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import warnings
-from typing import Sequence
+from typing import Any, Sequence
 
 from rich.console import Console
 from rich.markup import escape
@@ -34,40 +35,103 @@ def _registry():
     return discover()
 
 
+def show_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """A rich table on a terminal; plain aligned text in a pipe. Cells are never truncated."""
+    cells = [[str(c) for c in row] for row in rows]
+    if console.is_terminal:
+        table = Table(title=title)
+        for col in columns:
+            table.add_column(col, overflow="fold")
+        for row in cells:
+            table.add_row(*(escape(c) for c in row))
+        console.print(table)
+        return
+    widths = [max([len(col)] + [len(r[i]) for r in cells]) for i, col in enumerate(columns)]
+    lines = [title, "  ".join(col.ljust(w) for col, w in zip(columns, widths)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    print("\n".join(lines))
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     reg = _registry()
-    table = Table(title="lalm-probe plugins")
-    for col in ("kind", "name", "package", "description"):
-        table.add_column(col)
+    rows = []
     for kind in ("model", "analysis", "intervention", "dataset"):
         for name in reg.names(kind):
             e = reg.entries[kind][name]
-            table.add_row(kind, name, e.package, getattr(e.obj, "description", "") or (e.obj.__doc__ or "").strip()
-                          .split("\n")[0])
-    console.print(table)
+            about = getattr(e.obj, "description", "") or (e.obj.__doc__ or "").strip().split("\n")[0]
+            rows.append([kind, name, e.package, about])
+    if args.json:
+        print(json.dumps([dict(zip(("kind", "name", "package", "description"), r)) for r in rows], indent=1))
+        return 0
+    show_table("lalm-probe plugins", ("kind", "name", "package", "description"), rows)
     return 0
+
+
+def _load(args: argparse.Namespace) -> tuple[type, Any]:
+    """The model class and a loader for ``--model NAME[:options] --checkpoint C``."""
+    from .spec import split_spec
+
+    name, options = split_spec(args.model)
+    cls = _registry().get("model", name)
+
+    def load() -> Any:
+        plugin = cls.load(args.checkpoint or cls.default_checkpoint, device=args.device, dtype=args.dtype)
+        return plugin.configure(**options)
+
+    return cls, load
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .spec import split_spec
+    from .vocab import VOCABULARY
 
-    reg = _registry()
-    name, options = split_spec(args.model)
-    cls = reg.get("model", name)
-    plugin = cls.load(args.checkpoint or cls.default_checkpoint, device=args.device, dtype=args.dtype)
-    plugin.configure(**options)
-    table = Table(title=f"{name} ({args.checkpoint or cls.default_checkpoint})")
-    for col in ("stack", "layers", "runs", "sites (stack.<layer>.X)", "extras", "module path"):
-        table.add_column(col)
-    for name, d in plugin.describe().items():
-        table.add_row(name, str(d["layers"]), d["runs"], ", ".join(d["components"]), ", ".join(d["extras"]),
-                      d["path"])
-    console.print(table)
-    console.print(f"sample rate {plugin.sample_rate} Hz; input: {', '.join(cls.modalities)}; "
-                  f"logit lens stack: {cls.lens_stack or 'none'}")
+    if not args.model:
+        if args.json:
+            print(json.dumps(VOCABULARY, indent=1))
+            return 0
+        show_table("Canonical site components (stack.<layer>.<component>)", ("component", "what it is"),
+                   list(VOCABULARY.items()))
+        return 0
+    cls, load = _load(args)
+    plugin = load()
+    stacks = plugin.describe()
+    about = {"model": cls.name, "checkpoint": args.checkpoint or cls.default_checkpoint,
+             "sample_rate": plugin.sample_rate, "input": list(cls.modalities), "lens_stack": cls.lens_stack,
+             "options": plugin.options, "checkpoints": list(cls.hub_ids), "stacks": stacks}
+    if args.json:
+        print(json.dumps(about, indent=1, default=str))
+        return 0
+    for stack, d in stacks.items():
+        rows = [[f"{stack}.<0..{d['layers'] - 1}>.{c}", w, VOCABULARY.get(c, "model-specific")]
+                for c, w in d["components"].items()]
+        rows += [[f"{stack}.{e}", w, "stack-level extra"] for e, w in d["extras"].items()]
+        show_table(f"{stack}: {d['layers']} layers at {d['path']}, runs {d['runs'].replace('_', ' ')}"
+                   f"{', logit lens' if d['lens'] else ''}", ("site", "width", "what it is"), rows)
+    lines = [f"sample rate {plugin.sample_rate} Hz; input: {', '.join(cls.modalities)}; "
+             f"logit lens stack: {cls.lens_stack or 'none'}"]
     if cls.option_defaults:
-        console.print("options: " + ", ".join(f"{k}={v}" for k, v in plugin.options.items()))
+        lines.append("options: " + ", ".join(f"{k}={v}" for k, v in plugin.options.items()))
+    if cls.hub_ids:
+        lines.append("checkpoints: " + ", ".join(cls.hub_ids))
+    for line in lines:
+        console.print(escape(line), soft_wrap=True, highlight=False)
     return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .check import CHECKS, run_checks
+
+    unknown = sorted(set(args.only or []) - set(CHECKS))
+    if unknown:
+        raise UserError(f"Unknown check(s) {unknown}; the checks are: {', '.join(CHECKS)}.")
+    cls, load = _load(args)
+    findings = run_checks(load, args.only)
+    for f in findings:
+        mark = "[green]ok[/green]  " if f.ok else "[red]FAIL[/red]"
+        console.print(f"{mark} {escape(f.check if f.ok else f.line())}", soft_wrap=True, highlight=False)
+    failed = [f for f in findings if not f.ok]
+    console.print(f"{cls.name} ({args.checkpoint or cls.default_checkpoint}): "
+                  f"{'all checks pass' if not failed else f'{len(failed)} failure(s)'}.")
+    return 1 if failed else 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -91,8 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="probe", description="Mechanistic interpretability for audio-language models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("list", help="list installed model, analysis, intervention and dataset plugins"
-                   ).set_defaults(func=cmd_list)
+    listing = sub.add_parser("list", help="list installed model, analysis, intervention and dataset plugins")
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    listing.set_defaults(func=cmd_list)
 
     def model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
         p.add_argument("--model", required=required,
@@ -101,9 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
         p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
 
-    info = sub.add_parser("info", help="show a model's stacks, layer counts and sites")
-    model_args(info)
+    info = sub.add_parser("info", help="show a model's stacks, layer counts, sites and widths; without --model, "
+                          "the canonical site vocabulary")
+    model_args(info, required=False)
+    info.add_argument("--json", action="store_true", help="print JSON instead of tables")
     info.set_defaults(func=cmd_info)
+
+    check = sub.add_parser("check", help="run the conformance checks on a model plugin (exit 1 on a failure)")
+    model_args(check)
+    check.add_argument("--only", action="append", help="run only this check (repeatable)")
+    check.set_defaults(func=cmd_check)
 
     run = sub.add_parser("run", help="collect activations and run one analysis; writes a run directory. "
                          "With no arguments: real Whisper base over built-in multilingual speech, logit lens")

@@ -1,46 +1,68 @@
-"""How each declarative :class:`~lalm_probe.core.plugin.Edit` changes a tensor (or an attention mask).
+"""Edits: the declarative changes interventions ask for, and how each one changes a tensor or a mask.
 
-These are plain tensor functions; the engine wraps them in ops and ``tracing`` runs them inside the trace.
-Values are never edited in place: each edit returns a new tensor, so no earlier read is silently changed.
+An intervention returns :class:`Edit` objects; the engine turns each into a plain tensor function here and
+``tracing`` runs it inside the trace. Values are never edited in place: each edit returns a new tensor, so no
+earlier read is silently changed. What an edit does after the prompt pass is decided in :mod:`.steps`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 
 from .errors import UserError
-from .model import ModelPlugin, Positions, Prepared
-from .plugin import Edit
-from .sites import Site, _row_range, check_position
+from .positions import Positions
+from .sites import check_position, row_range
+from .steps import follows_generation, new_position
 
 
-def _targets(edit: Edit, rows: Sequence[Positions], ids: Sequence[str]) -> list[tuple[int, int]]:
-    """Absolute ``[start, end)`` per row that the edit touches (a single position is a length-1 range)."""
-    sel = check_position(edit.positions)
+@dataclass
+class Edit:
+    """One change made inside the forward pass.
+
+    ``op``:
+    - ``add``: output[positions] += scale * (value, or the value read at ``source`` = ``site@position``);
+    - ``set``: output[positions][..., units] = value (one value per unit, or one for all);
+    - ``block_attention``: in the attention module ``site`` (e.g. ``lm.3.attn``), the query at ``positions``
+      may not attend to the keys in the span ``keys``.
+    ``steps``: decode steps it applies at during generation (None: every step); step 1 is the prompt pass.
+    """
+
+    site: str
+    op: str
+    positions: str = "last"
+    value: Any = None
+    source: str | None = None
+    scale: float = 1.0
+    units: list[int] | None = None
+    keys: str = "audio"
+    steps: list[int] | None = None
+
+
+def _targets(selector: str, rows: Sequence[Positions], ids: Sequence[str]) -> list[tuple[int, int]]:
+    """Absolute ``[start, end)`` per row at the prompt pass (a single position is a length-1 range)."""
     out = []
     for p, rid in zip(rows, ids):
-        r = _row_range(p, sel, rid)
+        r = row_range(p, selector, rid)
         out.append((r, r + 1) if isinstance(r, int) else r)
     return out
 
 
-def edit_function(edit: Edit, site: Site, prepared: Prepared, ids: Sequence[str], plugin: ModelPlugin,
-                  source_key: str) -> tuple[str, Callable]:
-    """Return the op kind and the function that applies ``edit`` at ``site`` for this batch."""
-    rows = [r[site.stack] for r in prepared.rows]
-    targets = _targets(edit, rows, ids)
+def edit_function(edit: Edit, rows: Sequence[Positions], ids: Sequence[str], source_key: str) -> tuple[str, Callable]:
+    """The op kind (``edit`` of a value, or ``edit_call`` of a module's arguments) and the function for ``edit``.
 
-    follows_generation = check_position(edit.positions) in ("last", "all")
+    ``rows``: each row's positions on the stack of the edited site.
+    """
+    selector = check_position(edit.positions)
+    targets = _targets(selector, rows, ids)
+    repeats = follows_generation(selector)
 
     def where(out: torch.Tensor, state: dict) -> list[tuple[int, int]]:
-        # During generation with a KV cache, later steps compute only the newest position: it is the 'last'
-        # position and part of 'all'; a span or token:i lies in the prompt and is not touched again.
         if state.get("step", 1) <= 1:
             return targets
-        new = (out.shape[1] - 1, out.shape[1]) if follows_generation else (0, 0)
-        return [new] * out.shape[0]
+        return [new_position(out.shape[1]) if repeats else (0, 0)] * out.shape[0]
 
     if edit.op == "add":
         vector = None if edit.value is None else torch.as_tensor(edit.value)
@@ -49,6 +71,9 @@ def edit_function(edit: Edit, site: Site, prepared: Prepared, ids: Sequence[str]
 
         def add(out: torch.Tensor, state: dict) -> torch.Tensor:
             delta = state[source_key] if edit.source else vector.to(out.device, out.dtype).expand(out.shape[0], -1)
+            if delta.shape[-1] != out.shape[-1]:
+                raise UserError(f"Edit at '{edit.site}': a vector of width {delta.shape[-1]} cannot be added to "
+                                f"{out.shape[-1]} units.")
             new = out.clone()
             for b, (s, e) in enumerate(where(out, state)):
                 new[b, s:e] += edit.scale * delta[b].to(out.dtype)
@@ -77,7 +102,7 @@ def edit_function(edit: Edit, site: Site, prepared: Prepared, ids: Sequence[str]
         return "edit", set_units
 
     if edit.op == "block_attention":
-        keys = [_row_range(p, edit.keys, rid) for p, rid in zip(rows, ids)]
+        keys = [row_range(p, edit.keys, rid) for p, rid in zip(rows, ids)]
 
         def block(args: tuple, kwargs: dict, state: dict) -> tuple[tuple, dict]:
             hidden = kwargs.get("hidden_states", args[0] if args else None)
@@ -89,7 +114,7 @@ def edit_function(edit: Edit, site: Site, prepared: Prepared, ids: Sequence[str]
                                                      where(hidden, state), keys)
             return args, kwargs
 
-        return "edit_input", block
+        return "edit_call", block
 
     raise UserError(f"Unknown edit operation '{edit.op}'; expected add, set or block_attention.")
 

@@ -15,11 +15,13 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from .data import Dataset, Stimulus, load_audio
+from .edits import Edit, edit_function
 from .errors import UserError
 from .model import ModelPlugin, Prepared, Prompt
-from .plugin import Edit
 from .progress import progress_bar
-from .sites import Reducer, Site, check_position, parse_sites, step_of
+from .sites import Reducer, Site, check_position, parse_sites
+from .stacks import get_module
+from .steps import edit_steps, read_steps, step_of
 from .store import ActivationStore, OutputStore
 from .tracing import Op, Tracer
 
@@ -33,6 +35,7 @@ class Generation:
     reads: dict[str, torch.Tensor]
     sequences: torch.Tensor
     outputs: list[dict[str, Any]]
+    prepared: Prepared  # the batch as generate took it (its decoder prompt, for teacher forcing)
 
 
 def _first_row(prepared: Prepared) -> dict[str, Any]:
@@ -124,18 +127,24 @@ class Session:
             self._orders_by_inputs[kind] = order
         return order
 
+    def _rows(self, site: Site, prepared: Prepared, ids: Sequence[str]) -> list[Any]:
+        """Each row's positions on the time axis of ``site`` (its stack's, or an extra's own)."""
+        key = self.plugin.resolved[site.stack].rows_key(site.component)
+        rows = []
+        for r, rid in zip(prepared.rows, ids):
+            if key not in r:
+                raise UserError(f"Item '{rid}' does not pass through '{site.stack}' (e.g. no audio), "
+                                f"so site '{site}' cannot be read for it.")
+            rows.append(r[key])
+        return rows
+
     def _reducer(self, site: Site, selector: str, prepared: Prepared, ids: Sequence[str]) -> Callable:
         """A function from a site output to one value per row, built lazily once the time length is known.
 
         For ``step:<t>`` / ``prefix:<t>`` it is called at every decode step up to t: step 1 sees the whole prompt
         (padded), later steps only the new position; ``prefix`` keeps a running sum over valid positions.
         """
-        rows = []
-        for r, rid in zip(prepared.rows, ids):
-            if site.stack not in r:
-                raise UserError(f"Item '{rid}' does not pass through '{site.stack}' (e.g. no audio), "
-                                f"so site '{site}' cannot be read for it.")
-            rows.append(r[site.stack])
+        rows = self._rows(site, prepared, ids)
         batch_rows = [p.row if p.row is not None else b for b, p in enumerate(rows)]
         step = step_of(selector)
         if step is not None and self.plugin.resolved[site.stack].spec.runs != "per_step":
@@ -169,53 +178,58 @@ class Session:
              edits: Sequence[Edit] = (), forward: Prepared | None = None) -> list[Op]:
         """Turn reads and edits into ops ordered as the model executes them (edits before reads per module).
 
-        During generation a plain read runs at step 1 (the prompt pass), ``step:t`` at step t and ``prefix:t``
-        at steps 1..t. ``forward``: the batch as a plain forward pass takes it, when ``prepared`` is for generate.
+        The steps each op runs at during generation come from :mod:`.steps`. ``forward``: the batch as a plain
+        forward pass takes it, when ``prepared`` is for generate.
         """
-        stacks = self.plugin.resolved
         ops: list[Op] = []
         for site, sel in reads:
-            fn = self._reducer(site, sel, prepared, ids)
-            step = step_of(sel)
-            steps = [1] if step is None else ([step[0]] if not step[1] else list(range(1, step[0] + 1)))
-            ops.append(Op(site.module_path(stacks), "read", fn, key=f"{site}@{sel}", steps=steps,
-                          once=self._once(site)))
+            ops.append(self._op(site, "read", self._reducer(site, sel, prepared, ids), read_steps(sel, self._once(site)),
+                                key=f"{site}@{sel}"))
         for n, edit in enumerate(edits):
             ops.extend(self._edit_ops(edit, prepared, ids, n))
         order = self._orders(forward or prepared, [op.module for op in ops])
-        # Input edits happen when a module starts, outputs when it finishes; within one module's output,
-        # edits come before reads so a read sees what the rest of the model sees.
+        # Ops on inputs act when a module starts, on outputs when it finishes; at one point edits come before reads,
+        # so a read sees what the rest of the model sees.
         for op in ops:
             start, end = order[op.module]
-            op.order = 2 * start if op.kind == "edit_input" else 2 * end + (op.kind == "read")
+            op.order = (start if op.at_start else end, 1 if op.kind == "read" else 0)
         return ops
 
     def _once(self, site: Site) -> bool:
         return self.plugin.resolved[site.stack].spec.runs != "per_step"
 
-    def _edit_ops(self, edit: Edit, prepared: Prepared, ids: Sequence[str], n: int) -> list[Op]:
-        from .edits import edit_function
+    def _op(self, site: Site, kind: str, fn: Callable, steps: Any, key: str | None = None) -> Op:
+        stack = self.plugin.resolved[site.stack]
+        return Op(site.module_path(self.plugin.resolved), kind, fn, key=key, steps=steps, io=stack.io(site.component))
 
+    def _edit_ops(self, edit: Edit, prepared: Prepared, ids: Sequence[str], n: int) -> list[Op]:
         (site,) = self.sites([edit.site])
+        steps = edit_steps(edit.steps, self._once(site))
         ops = []
         if edit.source:
             src_pattern, _, src_pos = edit.source.partition("@")
             (src,) = self.sites([src_pattern])
             fn = self._reducer(src, check_position(src_pos or "last"), prepared, ids)
-            ops.append(Op(src.module_path(self.plugin.resolved), "read", fn, key=f"__edit{n}_source",
-                          steps=edit.steps, once=self._once(src)))
-        kind, fn = edit_function(edit, site, prepared, ids, self.plugin, source_key=f"__edit{n}_source")
-        ops.append(Op(site.module_path(self.plugin.resolved), kind, fn, steps=edit.steps, once=self._once(site)))
+            ops.append(self._op(src, "read", fn, edit_steps(edit.steps, self._once(src)), key=f"__edit{n}_source"))
+        kind, fn = edit_function(edit, self._rows(site, prepared, ids), ids, source_key=f"__edit{n}_source")
+        ops.append(self._op(site, kind, fn, steps))
         return ops
+
+    def width(self, site: str) -> int:
+        """Units of a site (``lm.3.mlp_act``): what an intervention's vector must match."""
+        return self.plugin.width(site)
 
     # ---- running ----------------------------------------------------------------------------------
     def run(self, items: Sequence[Stimulus], sites: Sequence[str], positions: Sequence[str] = ("last",),
             edits: Sequence[Edit] = (), prompt_fn: PromptFn | None = None) -> dict[str, Any]:
         """Read sites for a handful of items in one trace; values stay tensors (``all`` gives lists)."""
         prepared = self.prepare(items, prompt_fn)
-        reads = self.reads(sites, positions)
-        ops = self.plan(prepared, [it.id for it in items], reads, edits)
-        return self.tracer.run(prepared.inputs, ops)
+        return self.trace(prepared, [it.id for it in items], self.reads(sites, positions), edits)
+
+    def trace(self, prepared: Prepared, ids: Sequence[str], reads: Sequence[tuple[Site, str]],
+              edits: Sequence[Edit] = ()) -> dict[str, Any]:
+        """One forward pass over a prepared batch: the reads (``site@position`` -> values), edits applied."""
+        return self.tracer.run(prepared.inputs, self.plan(prepared, ids, reads, edits))
 
     def collect(self, dataset: Dataset, sites: Sequence[str], positions: Sequence[str], store: ActivationStore,
                 batch_size: int = 8, edits: Sequence[Edit] = (), prompt_fn: PromptFn | None = None,
@@ -242,7 +256,7 @@ class Session:
             elif steps:
                 values = self._generate(chunk, prepared, batch_reads, edits, steps, force_target).reads
             else:
-                values = self.tracer.run(prepared.inputs, self.plan(prepared, ids, batch_reads, edits))
+                values = self.trace(prepared, ids, batch_reads, edits)
             store.add(ids, {k: v.float().cpu().numpy() for k, v in values.items()})
             if store.buffered >= shard_rows:
                 store.flush()
@@ -266,7 +280,8 @@ class Session:
         """Drop reads of stacks no row of this batch passes through; a stack only some rows reach is an error."""
         out = []
         for site, sel in reads:
-            have = [site.stack in r for r in prepared.rows]
+            key = self.plugin.resolved[site.stack].rows_key(site.component)
+            have = [key in r for r in prepared.rows]
             if all(have):
                 out.append((site, sel))
             elif any(have):
@@ -304,7 +319,7 @@ class Session:
             kwargs["logits_processor"] = LogitsProcessorList([ForcePrefix(self._targets(items, force_target, steps))])
         values, result = self.tracer.generate(gen.inputs, ops, max_new_tokens, until_eos, **kwargs)
         sequences = getattr(result, "sequences", result)
-        return Generation(values, sequences, self.plugin.decode_outputs(sequences, gen))
+        return Generation(values, sequences, self.plugin.decode_outputs(sequences, gen), gen)
 
     def _targets(self, items: Sequence[Stimulus], key: str, steps: int) -> list[list[int]]:
         """Token ids of each item's target text; step t needs t-1 forced tokens before it."""
@@ -332,8 +347,6 @@ class Session:
         st = self.plugin.resolved[name]
         if st.unembed is None:
             raise UserError(f"Stack '{name}' has no unembedding; the logit lens needs one.")
-        from .model import get_module
-
         model = self.plugin.model
         h = torch.as_tensor(hidden).to(self.plugin.device, dtype=next(model.parameters()).dtype)
         with torch.no_grad():

@@ -1,53 +1,30 @@
-"""The model plugin interface: a mostly declarative description of where a model keeps its layers.
+"""The model plugin interface: a declaration of where a model keeps its layers, plus code only where needed.
 
-A plugin declares named *stacks* (``audio_encoder``, ``lm``, ``speech_encoder``, ``text_decoder``...), each with
-candidate module paths (paths move between transformers versions), whether it runs once per input or once per
-decode step, and its per-layer components. Code is written only where declaration cannot do the job: loading,
-turning stimuli into model inputs plus per-row position metadata, and decode control.
+A plugin declares its stacks (:mod:`~lalm_probe.core.stacks`, built from the layer templates), the transformers
+classes that load it and a tiny builder; the default :meth:`ModelPlugin.load` does the rest. Code is written only
+where declaration cannot do the job: turning stimuli into model inputs plus per-row position metadata
+(:meth:`~ModelPlugin.prepare`, helped by :mod:`~lalm_probe.core.positions`), and decode control.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 import torch
 
 from .data import Stimulus
 from .errors import UserError
+from .positions import Positions, position_ids
+from .sites import parse_sites
+from .spec import coerce_value
+from .stacks import ResolvedStack, Stack, get_module, resolve_stacks
+from .tiny import tiny_checkpoint
 
-
-@dataclass(frozen=True)
-class Stack:
-    """A homogeneous stack of layers, e.g. the LM's decoder layers.
-
-    ``components`` maps a site component name to a path relative to one layer; ``""`` is the layer itself
-    (its output is the residual stream after the block). ``extras`` are stack-level modules addressed as
-    ``stack.<name>`` (e.g. a projector or a length adaptor).
-    """
-
-    name: str
-    layers: tuple[str, ...]
-    components: Mapping[str, str] = field(default_factory=lambda: {"out": ""})
-    runs: str = "once"  # "once" per input, or "per_step" during generation
-    final_norm: tuple[str, ...] = ()
-    unembed: tuple[str, ...] = ()
-    extras: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-
-
-@dataclass
-class Positions:
-    """How one row sits on one stack's sequence axis: where its valid part starts, how long it is, named spans.
-
-    Spans are ``[start, end)`` relative to ``offset``, so they do not depend on how the batch was padded.
-    """
-
-    offset: int
-    length: int
-    spans: dict[str, tuple[int, int]] = field(default_factory=dict)
-    row: int | None = None  # index on this stack's batch axis when it differs from the row's (e.g. audio clips)
+__all__ = ["ModelPlugin", "Positions", "Prepared", "Prompt", "Stack", "ResolvedStack", "get_module",
+           "load_pretrained", "torch_dtype"]
 
 
 @dataclass
@@ -68,63 +45,26 @@ class Prompt:
     assistant_prefix: str | None = None
 
 
-def get_module(root: torch.nn.Module, path: str) -> torch.nn.Module:
-    """Follow a dotted path (``model.language_model.layers``) from ``root``; KeyError-free AttributeError if absent."""
-    mod: Any = root
-    for part in path.split("."):
-        mod = mod[int(part)] if part.isdigit() else getattr(mod, part)
-    return mod
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def resolve_path(root: torch.nn.Module, candidates: Sequence[str], what: str) -> str:
-    """Return the first candidate path that exists, or fail with one sentence naming every path tried."""
-    for path in candidates:
-        try:
-            get_module(root, path)
-            return path
-        except (AttributeError, IndexError, TypeError):
-            continue
-    raise UserError(f"{what}: none of the module paths {list(candidates)} exists in {type(root).__name__}; "
-                    "the model plugin does not match this checkpoint's architecture.")
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise UserError(f"Unknown dtype '{name}'. Choose one of: {', '.join(DTYPES)}.")
+    return DTYPES[name]
 
 
-@dataclass(frozen=True)
-class ResolvedStack:
-    """A stack whose paths were checked against the loaded model."""
+def transformers_class(cls: str | type) -> type:
+    """A transformers class from its name (looked up lazily, so listing plugins imports no model code)."""
+    if not isinstance(cls, str):
+        return cls
+    import transformers
 
-    spec: Stack
-    layers_path: str
-    num_layers: int
-    final_norm: str | None
-    unembed: str | None
-    extras: Mapping[str, str]
-
-    def module_path(self, layer: int, component: str) -> str:
-        rel = self.spec.components[component]
-        base = f"{self.layers_path}.{layer}"
-        return f"{base}.{rel}" if rel else base
-
-
-def resolve_stacks(model: torch.nn.Module, stacks: Sequence[Stack], plugin: str) -> dict[str, ResolvedStack]:
-    """Validate every declared path at load time, so a mismatch fails before any data is processed."""
-    out = {}
-    for st in stacks:
-        layers_path = resolve_path(model, st.layers, f"Model plugin '{plugin}', stack '{st.name}'")
-        layers = get_module(model, layers_path)
-        n = len(layers)
-        for comp, rel in st.components.items():
-            if rel:
-                for i in range(n):
-                    resolve_path(layers[i], [rel], f"Model plugin '{plugin}', site '{st.name}.{i}.{comp}'")
-        norm = resolve_path(model, st.final_norm, f"'{st.name}' final norm") if st.final_norm else None
-        unembed = resolve_path(model, st.unembed, f"'{st.name}' unembedding") if st.unembed else None
-        extras = {k: resolve_path(model, v, f"'{st.name}.{k}'") for k, v in st.extras.items()}
-        out[st.name] = ResolvedStack(st, layers_path, n, norm, unembed, extras)
-    return out
+    return getattr(transformers, cls)
 
 
 class ModelPlugin:
-    """Base class for a loaded model of one family. Subclasses fill the class attributes and three hooks.
+    """Base class for a loaded model of one family. Subclasses fill the class attributes; hooks where needed.
 
     Instances are created by :meth:`load`; they own the torch module, its processor and resolved stacks.
     """
@@ -132,10 +72,15 @@ class ModelPlugin:
     name: ClassVar[str]
     description: ClassVar[str] = ""
     default_checkpoint: ClassVar[str] = "tiny"
+    hub_ids: ClassVar[tuple[str, ...]] = ()  # the family's published checkpoints, listed by `probe info`
+    model_class: ClassVar[str | type | None] = None  # transformers class (or its name) that loads the weights
+    processor_class: ClassVar[str | type] = "AutoProcessor"
+    tiny: ClassVar[Callable[[Path], None] | None] = None  # writes a seeded tiny instance + processor to a folder
     stacks: ClassVar[tuple[Stack, ...]] = ()
     lens_stack: ClassVar[str | None] = None  # the stack whose outputs the logit lens projects
     padding_side: ClassVar[str] = "left"
     modalities: ClassVar[tuple[str, ...]] = ("speech", "text")  # what an item may be made of
+    audio_token: ClassVar[str | None] = None  # the placeholder the processor expands per audio frame, if any
     # Run-time options (``--model whisper:language=en``) and their defaults; the default's type is the option's.
     option_defaults: ClassVar[dict[str, Any]] = {}
 
@@ -143,13 +88,12 @@ class ModelPlugin:
         self.model = model.eval()
         self.processor = processor
         self.checkpoint = checkpoint
-        self.resolved = resolve_stacks(model, self.stacks, self.name)
         self.options: dict[str, Any] = dict(self.option_defaults)
+        self.setup()
+        self.resolved: dict[str, ResolvedStack] = resolve_stacks(model, self.stacks, self.name)
 
     def configure(self, **options: Any) -> "ModelPlugin":
         """Set run-time options, coerced to the type of their defaults; unknown names are refused."""
-        from .spec import coerce_value
-
         unknown = sorted(set(options) - set(self.option_defaults))
         if unknown:
             raise UserError(f"Model '{self.name}': unknown option(s) {unknown}; valid: "
@@ -160,53 +104,103 @@ class ModelPlugin:
             self.options[key] = coerce_value(value, tp | None, f"model '{self.name}' option '{key}'")
         return self
 
-    # ---- hooks a plugin implements -------------------------------------------------------------------
+    # ---- loading ------------------------------------------------------------------------------------
     @classmethod
     def load(cls, checkpoint: str, device: str = "cpu", dtype: str = "float32",
              device_map: str | None = None) -> "ModelPlugin":
         """Load weights and processor from a hub id, a local directory or ``tiny``."""
-        raise NotImplementedError
+        model, processor = cls.load_weights(cls.source(checkpoint), device=device, dtype=dtype, device_map=device_map)
+        return cls(model, processor, checkpoint)
 
+    @classmethod
+    def source(cls, checkpoint: str) -> str | Path:
+        """Where the weights are: ``tiny`` is built once into the cache; anything else is passed on."""
+        if checkpoint != "tiny":
+            return checkpoint
+        if cls.tiny is None:
+            raise UserError(f"Model '{cls.name}' has no tiny instance; pass --checkpoint <hub id or folder>.")
+        return tiny_checkpoint(cls.name, cls.tiny)
+
+    @classmethod
+    def load_weights(cls, source: str | Path, *, device: str, dtype: str,
+                     device_map: str | None) -> tuple[torch.nn.Module, Any]:
+        """Model and processor from ``source`` through the declared transformers classes."""
+        if cls.model_class is None:
+            raise NotImplementedError(f"{cls.__name__} declares no model_class and does not override load_weights")
+        return load_pretrained(transformers_class(cls.model_class), transformers_class(cls.processor_class), source,
+                               device=device, dtype=dtype, device_map=device_map, plugin=cls.name)
+
+    def setup(self) -> None:
+        """Adjust the loaded model or processor before its stacks are resolved (default: the padding side)."""
+        tok = getattr(self.processor, "tokenizer", None)
+        if tok is not None and hasattr(tok, "padding_side"):
+            tok.padding_side = self.padding_side
+
+    # ---- inputs ---------------------------------------------------------------------------------------
     def prepare(self, items: Sequence[Stimulus], audio: Sequence[np.ndarray | None],
                 prompts: Sequence[Prompt]) -> Prepared:
         """Build one padded batch and the per-row position metadata."""
         raise NotImplementedError
 
-    def generate_kwargs(self) -> dict[str, Any]:
-        """Extra keyword arguments for ``model.generate`` (greedy by default, so runs are reproducible)."""
-        return {"do_sample": False, "num_beams": 1}
-
-    def decode_outputs(self, sequences: torch.Tensor, prepared: Prepared) -> list[dict[str, Any]]:
-        """One ``{"output": text, ...}`` per row from ``generate``'s sequences (prompt removed).
-
-        Decoder-only models return prompt + new tokens; encoder-decoders override this when they differ.
-        """
-        ids = (prepared.generate_inputs or prepared.inputs).get("input_ids")
-        start = ids.shape[1] if ids is not None and sequences.shape[1] > ids.shape[1] else 0
-        texts = self.tokenizer.batch_decode(sequences[:, start:], skip_special_tokens=True)
-        return [{"output": t.strip()} for t in texts]
-
-    def label_words(self, key: str) -> dict[str, str] | None:
-        """How this model spells label values as tokens (Whisper: language ``de`` -> ``<|de|>``), if it has a way."""
-        return None
+    def default_prompt(self, item: Stimulus) -> Prompt:
+        """The prompt used when an analysis does not impose one: the item's own prompt, or none."""
+        return Prompt(user=item.prompt)
 
     def batch_key(self, item: Stimulus) -> Any:
         """Items with different keys never share a batch (speech and text take different encoders)."""
         return "speech" if item.has_audio else "text"
 
+    def accepts(self, item: Stimulus) -> bool:
+        """Whether the item is made of something this model takes (speech, text)."""
+        return ("speech" if item.has_audio else "text") in self.modalities
+
+    def label_words(self, key: str) -> dict[str, str] | None:
+        """How this model spells label values as tokens (Whisper: language ``de`` -> ``<|de|>``), if it has a way."""
+        return None
+
+    # ---- generation -----------------------------------------------------------------------------------
+    def generate_kwargs(self) -> dict[str, Any]:
+        """Extra keyword arguments for ``model.generate`` (greedy by default, so runs are reproducible)."""
+        return {"do_sample": False, "num_beams": 1}
+
     def generation_inputs(self, prepared: Prepared) -> Prepared:
         """The batch as ``generate`` takes it; its rows say where the decoder prompt sits on per-step stacks."""
         if prepared.generate_inputs is None:
             return prepared
-        return Prepared(prepared.generate_inputs, prepared.rows)
+        return Prepared(prepared.generate_inputs, prepared.rows, meta=dict(prepared.meta))
+
+    def decode_outputs(self, sequences: torch.Tensor, prepared: Prepared) -> list[dict[str, Any]]:
+        """One ``{"output": text, ...}`` per row from ``generate``'s sequences (prompt removed)."""
+        ids = (prepared.generate_inputs or prepared.inputs).get("input_ids")
+        start = ids.shape[1] if ids is not None and sequences.shape[1] > ids.shape[1] else 0
+        texts = self.tokenizer.batch_decode(sequences[:, start:], skip_special_tokens=True)
+        return [{"output": t.strip()} for t in texts]
 
     def target_ids(self, text: str) -> list[int]:
         """Token ids of a target text to force as the decoded prefix (no special tokens)."""
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def accepts(self, item: Stimulus) -> bool:
-        """Whether the item is made of something this model takes (speech, text)."""
-        return ("speech" if item.has_audio else "text") in self.modalities
+    def teacher_forced(self, prepared: Prepared, generation: Prepared, tokens: torch.Tensor) -> Prepared:
+        """The forward-pass batch that reads ``tokens`` (batch, n) after the generation prompt: teacher forcing.
+
+        Decode step t of generation equals this pass with the first t-1 generated tokens. Default: the tokens are
+        appended to the decoder input (``decoder_input_ids`` of an encoder-decoder, else a left-padded LM's
+        ``input_ids``, with mask and position ids extended).
+        """
+        inputs = dict(prepared.inputs)
+        key = "decoder_input_ids" if "decoder_input_ids" in inputs else "input_ids"
+        inputs[key] = torch.cat([inputs[key], tokens.to(inputs[key].device)], 1)
+        mask = "decoder_attention_mask" if key == "decoder_input_ids" else "attention_mask"
+        if mask in inputs:
+            ones = torch.ones_like(tokens, dtype=inputs[mask].dtype, device=inputs[mask].device)
+            inputs[mask] = torch.cat([inputs[mask], ones], 1)
+            if key == "input_ids" and "position_ids" in inputs:
+                inputs["position_ids"] = position_ids(inputs[mask])
+        n = tokens.shape[1]
+        per_step = [name for name, r in self.resolved.items() if r.spec.runs == "per_step"]
+        rows = [{name: (replace(p, length=p.length + n) if name in per_step else p) for name, p in row.items()}
+                for row in prepared.rows]
+        return Prepared(inputs, rows)
 
     # ---- derived helpers ----------------------------------------------------------------------------
     @property
@@ -222,25 +216,20 @@ class ModelPlugin:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def default_prompt(self, item: Stimulus) -> Prompt:
-        """The prompt used when an analysis does not impose one: the item's own prompt, or none."""
-        return Prompt(user=item.prompt)
+    def width(self, site: str) -> int:
+        """Units of a site (``lm.3.mlp_act``, ``audio_encoder.projector``)."""
+        (parsed,) = parse_sites([site], self.resolved)
+        return self.resolved[parsed.stack].width(parsed.component, parsed.layer)
 
     def describe(self) -> dict[str, Any]:
-        """Stacks, layer counts and sites: what ``probe info`` prints."""
-        return {name: {"layers": r.num_layers, "runs": r.spec.runs, "components": list(r.spec.components),
-                       "extras": list(r.extras), "path": r.layers_path,
-                       "lens": bool(r.final_norm or r.unembed)}
-                for name, r in self.resolved.items()}
-
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise UserError(f"Unknown dtype '{name}'. Choose one of: {', '.join(DTYPES)}.")
-    return DTYPES[name]
+        """Stacks, layer counts, sites and widths: what ``probe info`` prints."""
+        out = {}
+        for name, r in self.resolved.items():
+            comps = {c: (w[0] if len(set(w)) == 1 else list(w)) for c, w in r.widths.items() if c in r.paths}
+            out[name] = {"layers": r.num_layers, "runs": r.spec.runs, "components": comps,
+                         "extras": {e: r.widths[e][0] for e in r.extras}, "path": r.layers_path,
+                         "lens": r.unembed is not None}
+        return out
 
 
 def load_pretrained(model_cls: Any, processor_cls: Any, source: str | Path, *, device: str, dtype: str,

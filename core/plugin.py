@@ -12,37 +12,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from .edits import Edit
+
+__all__ = ["Analysis", "Edit", "Intervention", "Requirements"]
+
 if TYPE_CHECKING:  # pragma: no cover
     from .data import Dataset
     from .engine import Session
     from .model import Prompt
     from .results import Result
     from .store import ActivationStore
-
-
-@dataclass
-class Edit:
-    """One change made inside the forward pass.
-
-    ``op``:
-    - ``add``: output[positions] += scale * (value, or the value read at ``source`` = ``site@position``);
-    - ``set``: output[positions][..., units] = value (one value per unit);
-    - ``block_attention``: in the attention module ``site`` (e.g. ``lm.3.attn``), the query at ``positions``
-      may not attend to the keys in the span ``keys``.
-    ``steps``: decode steps it applies at during generation (None: every step); step 1 is the prompt pass.
-    At later steps only the newly generated position is computed, so an edit there applies to it when
-    ``positions`` is ``last`` or ``all`` (seed 002's forcing at every generated position) and is skipped otherwise.
-    """
-
-    site: str
-    op: str
-    positions: str = "last"
-    value: Any = None
-    source: str | None = None
-    scale: float = 1.0
-    units: list[int] | None = None
-    keys: str = "audio"
-    steps: list[int] | None = None
 
 
 @dataclass

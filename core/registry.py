@@ -1,7 +1,8 @@
 """Plugin discovery with pluggy and the ``lalm_probe`` entry-point group.
 
 A plugin is a module with hook implementations (``@hookimpl def lalm_probe_models(): return [MyModel]``) named
-by an entry point in the ``lalm_probe`` group. Built-ins are registered the same way as third-party packages.
+by an entry point in the ``lalm_probe`` group, or an entry point naming one plugin class directly
+(``mymodel = "my_package.models:MyModel"``). Built-ins are registered the same way as third-party packages.
 A module that fails to import is skipped with a one-line warning naming it; two plugins that claim one name
 are an error naming both.
 """
@@ -16,6 +17,8 @@ from typing import Any, Callable
 import pluggy
 
 from .errors import PluginError, unknown_name
+from .model import ModelPlugin
+from .plugin import Analysis, Intervention
 
 GROUP = "lalm_probe"
 hookspec = pluggy.HookspecMarker(GROUP)
@@ -48,6 +51,16 @@ class Specs:
 
 KINDS = {"model": "lalm_probe_models", "analysis": "lalm_probe_analyses",
          "intervention": "lalm_probe_interventions"}
+BASES = {"model": ModelPlugin, "analysis": Analysis, "intervention": Intervention}
+
+
+def _kind_of_class(obj: Any) -> str | None:
+    """The plugin kind of a class named directly by an entry point, or None if it is not a plugin class."""
+    if isinstance(obj, type):
+        for kind, base in BASES.items():
+            if issubclass(obj, base):
+                return kind
+    return None
 
 
 @dataclass
@@ -89,11 +102,13 @@ def _distribution(ep: md.EntryPoint) -> str:
 
 
 def discover(extra_modules: list[Any] | None = None) -> Registry:
-    """Load every entry point of the group (plus ``extra_modules``, for notebooks and tests) into a registry."""
+    """Load every entry point of the group (plus ``extra_modules``: modules or plugin classes, for notebooks and
+    tests) into a registry."""
     pm = pluggy.PluginManager(GROUP)
     pm.add_hookspecs(Specs)
     reg = Registry()
     sources: list[tuple[Any, str]] = []
+    classes: list[tuple[Any, str, str]] = []
     seen: set[str] = set()
     for ep in _entry_points():
         if ep.value in seen:  # the same module may be listed twice (editable + regular install)
@@ -106,9 +121,19 @@ def discover(extra_modules: list[Any] | None = None) -> Registry:
             reg.skipped.append(msg)
             warnings.warn(msg, PluginWarning, stacklevel=2)
             continue
+        if isinstance(module, type):
+            kind = _kind_of_class(module)
+            if kind is None:
+                raise PluginError(f"Entry point '{ep.name}' ({ep.value}, from {_distribution(ep)}) names a class that "
+                                  "is not a ModelPlugin, Analysis or Intervention.")
+            classes.append((module, kind, _distribution(ep)))
+            continue
         sources.append((module, _distribution(ep)))
     for module in extra_modules or []:
-        sources.append((module, "registered in code"))
+        if isinstance(module, type) and _kind_of_class(module):
+            classes.append((module, _kind_of_class(module), "registered in code"))
+        else:
+            sources.append((module, "registered in code"))
     package_of: dict[int, str] = {}
     for module, package in sources:
         try:
@@ -124,6 +149,8 @@ def discover(extra_modules: list[Any] | None = None) -> Registry:
             pairs = found.items() if isinstance(found, dict) else ((getattr(c, "name", None), c) for c in found)
             for name, obj in pairs:
                 _add(reg, kind, name, obj, package_of[id(impl.plugin)], impl.plugin.__name__)
+    for cls, kind, package in classes:
+        _add(reg, kind, getattr(cls, "name", None), cls, package, cls.__module__)
     return reg
 
 

@@ -21,7 +21,8 @@ from typing import Mapping, Sequence
 import torch
 
 from .errors import UserError
-from .model import Positions, ResolvedStack
+from .positions import Positions
+from .stacks import ResolvedStack
 
 
 @dataclass(frozen=True)
@@ -53,9 +54,9 @@ def parse_sites(patterns: Sequence[str], stacks: Mapping[str, ResolvedStack]) ->
             raise UserError(f"Site '{pat}' must look like 'stack.layer.component' (e.g. '{st.spec.name}.0.out') "
                             f"or 'stack.extra' (extras: {', '.join(st.extras) or 'none'}).")
         _, layer, comp = parts
-        if comp not in st.spec.components:
+        if comp not in st.paths:
             raise UserError(f"Site '{pat}': unknown component '{comp}'. Stack '{st.spec.name}' has: "
-                            f"{', '.join(st.spec.components)}.")
+                            f"{', '.join(st.paths)}.")
         layers = range(st.num_layers) if layer == "*" else [_layer_index(pat, layer, st.num_layers)]
         out.extend(Site(st.spec.name, i, comp) for i in layers)
     return list(dict.fromkeys(out))
@@ -69,14 +70,6 @@ def _layer_index(pat: str, text: str, n: int) -> int:
     if not -n <= i < n:
         raise UserError(f"Site '{pat}': layer {i} is out of range; this stack has layers 0..{n - 1}.")
     return i % n
-
-
-def step_of(selector: str) -> tuple[int, bool] | None:
-    """``(t, pooled)`` for ``step:<t>`` / ``prefix:<t>`` selectors, None for positions in one forward pass."""
-    kind, _, num = selector.partition(":")
-    if kind not in ("step", "prefix"):
-        return None
-    return int(num), kind == "prefix"
 
 
 def check_position(selector: str) -> str:
@@ -101,7 +94,7 @@ def check_position(selector: str) -> str:
                     "or a span name (audio, text).")
 
 
-def _row_range(pos: Positions, selector: str, row_id: str) -> tuple[int, int] | int:
+def row_range(pos: Positions, selector: str, row_id: str) -> tuple[int, int] | int:
     """An absolute index (single position) or an absolute [start, end) range for one row."""
     if selector == "last":
         return pos.offset + pos.length - 1
@@ -129,7 +122,7 @@ class Reducer:
 
     def __init__(self, selector: str, rows: Sequence[Positions], row_ids: Sequence[str], time_len: int) -> None:
         self.selector = selector
-        ranges = [_row_range(p, selector, rid) for p, rid in zip(rows, row_ids)]
+        ranges = [row_range(p, selector, rid) for p, rid in zip(rows, row_ids)]
         for r, rid in zip(ranges, row_ids):
             hi = r if isinstance(r, int) else r[1] - 1
             if hi >= time_len:

@@ -14,7 +14,9 @@ from typing import Any, Callable, Sequence
 import torch
 from nnsight import NNsight
 
-from .model import get_module
+from .errors import UserError
+from .stacks import get_module
+from .steps import Steps, last_step
 
 Reader = Callable[[torch.Tensor, dict], torch.Tensor]
 Editor = Callable[[torch.Tensor, dict], torch.Tensor]
@@ -25,20 +27,25 @@ InputEditor = Callable[[tuple, dict, dict], tuple[tuple, dict]]
 class Op:
     """One read or edit of one module, run when the forward pass reaches it.
 
-    ``kind``: ``read`` saves ``fn(output, state)`` under ``key``; ``edit`` replaces the output by
-    ``fn(output, state)``; ``edit_input`` replaces ``(args, kwargs)`` by ``fn(args, kwargs, state)``.
-    ``state`` is shared by all ops of a trace (edits can use earlier reads) and holds ``step`` during generation.
-    ``steps``: decode steps the op runs at during generation (None: every step); step 1 is the prompt pass.
-    ``once``: the module runs once per input (an encoder), so during generation the op runs at step 1 only.
+    ``kind``: ``read`` saves ``fn(value, state)`` under ``key``; ``edit`` replaces the value by ``fn(value, state)``;
+    ``edit_call`` replaces the module's ``(args, kwargs)`` by ``fn(args, kwargs, state)``. The value is the module's
+    output, or its first positional input when ``io`` is ``input``. ``state`` is shared by all ops of a trace (edits
+    can use earlier reads) and holds ``step`` during generation. ``steps``: the decode steps the op runs at during
+    generation (None: every step; see :mod:`.steps`); step 1 is the prompt pass.
     """
 
     module: str
     kind: str
     fn: Callable
     key: str | None = None
-    steps: Sequence[int] | None = None
-    order: int = 0
-    once: bool = False  # on a stack that runs once per input (an encoder): applied at step 1 only
+    steps: Steps = (1,)
+    io: str = "output"
+    order: tuple[int, int] = (0, 0)
+
+    @property
+    def at_start(self) -> bool:
+        """Whether the op acts when its module starts (inputs) rather than when it finishes (outputs)."""
+        return self.kind == "edit_call" or self.io == "input"
 
 
 def _first(output: Any) -> torch.Tensor:
@@ -91,8 +98,6 @@ class Tracer:
                 h.remove()
         missing = [p for p in paths if (p, "end") not in events]
         if missing:
-            from .errors import UserError
-
             raise UserError(f"These modules never ran in a forward pass, so they cannot be read: {missing[:5]}")
         return {p: (events[(p, "start")], events[(p, "end")]) for p in paths}
 
@@ -111,9 +116,9 @@ class Tracer:
                  **gen_kwargs: Any) -> tuple[dict[str, torch.Tensor], Any]:
         """Run ``generate``, applying step-scoped ops at each step; returns (reads, generate's output).
 
-        Steps are numbered from 1 (the prompt pass, which predicts the first new token). Ops marked ``once``
-        (encoders, which run once per input) are applied at step 1 only. Each read returns the
-        value from the last step it ran at (a read that pools over steps keeps its own running state).
+        Steps are numbered from 1 (the prompt pass, which predicts the first new token); each op runs at its
+        ``steps``. Each read returns the value from the last step it ran at (a read that pools over steps keeps its
+        own running state).
         By default exactly ``max_new_tokens`` tokens are made (end-of-sequence is suppressed until then, so
         every row has every step); ``until_eos`` lets generation stop as it normally would.
         """
@@ -128,14 +133,13 @@ class Tracer:
         # nnsight advances a loop step only when the body touches a module, so an open-ended loop needs an op
         # that runs at every step; otherwise the loop stops after the last step any op needs, and generation
         # goes on untouched.
-        every_step = any(op.steps is None and not op.once for op in ops)
-        last = max((max(op.steps) for op in ops if op.steps is not None and not op.once), default=1)
+        last = last_step([op.steps for op in ops])
         if not until_eos:
             gen_kwargs["min_new_tokens"] = max_new_tokens
         elif not ops:
             with torch.no_grad():
                 return {}, self.model.generate(**inputs, max_new_tokens=max_new_tokens, **gen_kwargs)
-        steps = range(max_new_tokens) if not until_eos else (None if every_step else range(min(last, max_new_tokens)))
+        steps = range(max_new_tokens) if not until_eos else (None if last is None else range(min(last, max_new_tokens)))
         with torch.no_grad(), warnings.catch_warnings():
             # An open-ended loop ends when generation stops; nnsight reports the step it waited for.
             warnings.filterwarnings("ignore", message=".*was never reached.*")
@@ -145,10 +149,7 @@ class Tracer:
                     step = index + 1
                     state: dict[str, Any] = {"step": step}
                     for op in ops:
-                        if op.once:
-                            if step != 1:
-                                continue
-                        elif op.steps is not None and step not in op.steps:
+                        if op.steps is not None and step not in op.steps:
                             continue
                         _apply(self._env(op.module), op, state)
                         if op.kind == "read":
@@ -157,13 +158,18 @@ class Tracer:
 
 
 def _apply(env: Any, op: Op, state: dict) -> None:
-    if op.kind == "read":
+    if op.kind == "edit_call":
+        args, kwargs = env.inputs
+        env.inputs = op.fn(args, kwargs, state)
+    elif op.io == "input":
+        if op.kind == "read":
+            state[op.key] = op.fn(env.input, state)
+        else:
+            env.input = op.fn(env.input, state)
+    elif op.kind == "read":
         state[op.key] = op.fn(_first(env.output), state)
     elif op.kind == "edit":
         out = env.output
         env.output = _replace_first(out, op.fn(_first(out), state))
-    elif op.kind == "edit_input":
-        args, kwargs = env.inputs
-        env.inputs = op.fn(args, kwargs, state)
     else:  # pragma: no cover - programming error
         raise ValueError(f"unknown op kind {op.kind}")

@@ -17,60 +17,22 @@ The decoder prompt is ``[</s>, __tgt__]`` per row and is passed as ``decoder_inp
 and to ``generate``, so rows of one batch may have different target languages (``generate(tgt_lang=...)`` would
 take one per batch). Prompts (instructions, assistant prefixes) do not apply to this model and are ignored.
 
-Stacks and sites (``stack.<layer>.<component>``; paths relative to one layer):
+Stacks (components in the canonical vocabulary; ``probe info --model seamless-m4t-v2 --checkpoint tiny`` lists them
+with their widths):
 
-``speech_encoder`` (``speech_encoder.encoder.layers``, Conformer, positions = stacked fbank frames, 50/s)
-    ==============  ===================================  ======================================================
-    out             (the layer)                          residual stream after the block (= ``final_norm``)
-    ffn1_norm       ffn1_layer_norm
-    ffn1_up         ffn1.intermediate_dense              (intermediate size, before the swish)
-    ffn1_down       ffn1.output_dense
-    attn_norm       self_attn_layer_norm                 seed 002's "layer_norm" of the attention block
-    q / k / v       self_attn.linear_q / linear_k / linear_v
-    attn_out        self_attn.linear_out
-    attn            self_attn                            (= attn_out; the module's first output)
-    conv_norm       conv_module.layer_norm
-    pw_conv1        conv_module.pointwise_conv1  [tap]   2x hidden channels
-    glu             conv_module.glu              [tap]
-    dw_conv         conv_module.depthwise_conv   [tap]
-    dw_norm         conv_module.depthwise_layer_norm
-    pw_conv2        conv_module.pointwise_conv2  [tap]
-    conv            conv_module                          (= pw_conv2 in eval mode)
-    ffn2_norm       ffn2_layer_norm
-    ffn2_up         ffn2.intermediate_dense
-    ffn2_down       ffn2.output_dense
-    final_norm      final_layer_norm                     (its output is the layer's output)
-    ==============  ===================================  ======================================================
-
-    ``[tap]``: those four ``nn.Conv1d``/``nn.GLU`` modules return channel-first ``(batch, channels, time)``, but
-    sites are read as ``(batch, time, ...)``. At load each one gets a forward hook that passes its output through an
-    identity module ``conv_module.taps.<name>`` as ``(batch, time, channels)`` and transposes the result back, so
-    the site is an ordinary time-major module output; reads and edits of the tap act on the real activations.
-    Extras: ``speech_encoder.features`` (``speech_encoder.feature_projection``: the projected input features) and
-    ``speech_encoder.norm`` (``speech_encoder.encoder.layer_norm``, after the last layer).
-
-``speech_adaptor`` (``speech_encoder.adapter.layers``, the length adaptor; positions = adaptor frames, 8x fewer)
-    The adaptor shortens the sequence (kernel 8, stride 8), so it is its own stack with its own positions rather than
-    an extra of ``speech_encoder``. Components: ``out``, ``q``, ``k``, ``v``, ``attn_out``, ``ffn_norm``, ``ffn_up``,
-    ``ffn_down`` (the adaptor's own layer norms before pooling run on encoder frames and are not exposed). Extra
-    ``speech_adaptor.output`` (``speech_encoder.inner_layer_norm``): the speech encoder's output, what the decoder
-    cross-attends to (seed 001's "after the length adaptor").
-
-``text_encoder`` (``text_encoder.layers``; positions = ``__src__ text </s>``, right padded; span ``text``)
-    ``out``, ``attn_norm`` (self_attn_layer_norm), ``q``/``k``/``v`` (self_attn.q_proj/k_proj/v_proj), ``attn_out``
-    (self_attn.out_proj), ``attn`` (self_attn), ``ffn_norm`` (ffn_layer_norm), ``fc1`` (ffn.fc1), ``fc2`` (ffn.fc2).
-    Extras ``text_encoder.embed`` (scaled token embeddings, no positions) and ``text_encoder.norm`` (final norm).
-
-``text_decoder`` (``text_decoder.layers``, runs per decode step; positions = ``[</s>, __tgt__]`` then one per step)
-    ``out``, ``attn_norm``, ``q``, ``k``, ``v``, ``attn_out``, ``attn`` (self-attention, as in the text encoder),
-    ``cross_norm`` (cross_attention_layer_norm), ``cross_q`` (cross_attention.q_proj), ``cross_out``
-    (cross_attention.out_proj), ``cross_attn`` (cross_attention), ``ffn_norm``, ``fc1``, ``fc2``. Final norm
-    ``text_decoder.layer_norm``, unembedding ``lm_head``: the logit-lens stack.
-
-``cross_kv`` (the same ``text_decoder.layers``, runs once; positions = the encoder output the decoder attends to)
-    ``k`` / ``v`` = cross_attention.k_proj / v_proj. They project the *encoder* output (adaptor frames for speech,
-    text-encoder tokens for text), so their time axis is the source, not the decoder; during generation they run
-    at the prompt pass only (later steps reuse the cache). Read them with ``last``/``mean``/spans, not ``step:t``.
+- ``speech_encoder`` (``speech_encoder.encoder.layers``, Conformer; positions = stacked fbank frames, 50/s): every
+  part of seed 002 A.8, ``ffn1_*`` (the first, half-step feed-forward), ``attn_*``, ``conv_*`` (the channel-first
+  convolution outputs are read time-major through taps), ``mlp_*`` (the second feed-forward, ``ffn2``) and
+  ``final_norm`` (the layer's output). Extras ``features`` (the projected input features) and ``norm``.
+- ``speech_adaptor`` (``speech_encoder.adapter.layers``): the length adaptor shortens the sequence 8x, so it is its
+  own stack with its own positions. Extra ``output`` (``speech_encoder.inner_layer_norm``): the speech encoder's
+  output, what the decoder cross-attends to (seed 001's "after the length adaptor").
+- ``text_encoder`` (``text_encoder.layers``; positions = ``__src__ text </s>``, right padded; span ``text``). Extras
+  ``embed`` (scaled token embeddings, no positions) and ``norm``.
+- ``text_decoder`` (runs per decode step; positions = ``[</s>, __tgt__]`` then one per step): self- and
+  cross-attention, MLP; final norm and ``lm_head``: the logit-lens stack.
+- ``cross_kv`` (the same layers, runs once): ``cross_k`` / ``cross_v`` project the *encoder* output (adaptor frames
+  for speech, text-encoder tokens for text), so they are read on its positions, at the prompt pass only.
 """
 
 from __future__ import annotations
@@ -85,9 +47,12 @@ import torch
 
 from lalm_probe.core.data import Stimulus
 from lalm_probe.core.errors import PluginError, UserError
-from lalm_probe.core.model import ModelPlugin, Positions, Prepared, Prompt, Stack, get_module, load_pretrained
+from lalm_probe.core.model import ModelPlugin, Prepared, Prompt
+from lalm_probe.core.positions import Positions, valid_ranges
 from lalm_probe.core.registry import hookimpl
-from lalm_probe.core.tiny import tiny_checkpoint
+from lalm_probe.core.stacks import Stack
+from lalm_probe.core.templates import bart_layer, conformer_layer, cross_kv_layer
+from lalm_probe.core.vocab import Component
 
 # ISO 639-1 (what this project's language labels use) -> Seamless (ISO 639-3, with Seamless's macro-language choices).
 ISO1_TO_SEAMLESS = {
@@ -104,12 +69,60 @@ LANGUAGE_NAMES = {"english": "eng", "french": "fra", "german": "deu", "spanish":
                   "hindi": "hin", "turkish": "tur", "polish": "pol", "ukrainian": "ukr"}
 TINY_LANGS = ("eng", "fra", "deu", "spa", "cmn", "jpn", "ind", "ita", "kor", "rus", "vie")
 
-# Channel-first conv-module outputs exposed time-major through identity taps (see the module docstring).
-CONV_TAPS = ("pointwise_conv1", "glu", "depthwise_conv", "pointwise_conv2")
+NLLB_LAYER = dict(mlp_norm="ffn_layer_norm", fc1="ffn.fc1", fc2="ffn.fc2", mlp="ffn")
+# The length adaptor's layers: attention and feed-forward on adaptor frames. Their own layer norms before pooling run
+# on encoder frames (another time axis) and are not exposed.
+ADAPTOR_LAYER = {
+    "out": Component("", width="attn_o"), "attn_q": "self_attn.linear_q", "attn_k": "self_attn.linear_k",
+    "attn_v": "self_attn.linear_v", "attn_o": "self_attn.linear_out", "attn": Component("self_attn", width="attn_o"),
+    "mlp_norm": "ffn_layer_norm", "mlp_up": "ffn.intermediate_dense",
+    "mlp_act": Component("ffn.output_dense", io="input"), "mlp_down": "ffn.output_dense",
+    "mlp": Component("ffn", width="mlp_down"),
+}
 
 
-SELF_ATTN = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
-             "attn_out": "self_attn.out_proj", "attn": "self_attn"}
+def build_tiny(out_dir: Path) -> None:
+    """A 64-wide SeamlessM4T v2 (2 speech, 2 text encoder, 4 decoder layers) with the real processor, seeded."""
+    from transformers import (SeamlessM4TFeatureExtractor, SeamlessM4TProcessor, SeamlessM4TTokenizer,
+                              SeamlessM4Tv2Config, SeamlessM4Tv2Model)
+
+    # Character-level pieces plus "▁x" word starts (with their merges), so words start with distinct tokens.
+    lower = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {"<pad>": 0, "<unk>": 1, "<s>": 2, "</s>": 3, "▁": 4}
+    for piece in [*lower, *lower.upper(), *"0123456789.,!?'-:;\"()éèàçüöäßñ", *(f"▁{c}" for c in lower),
+                  *(f"▁{c}" for c in lower.upper())]:
+        vocab.setdefault(piece, len(vocab))
+    merges = [("▁", c) for c in lower + lower.upper()]
+    tok = SeamlessM4TTokenizer(vocab=vocab, merges=merges, src_lang="eng", tgt_lang="eng",
+                               additional_special_tokens=[f"__{code}__" for code in TINY_LANGS])
+    processor = SeamlessM4TProcessor(feature_extractor=SeamlessM4TFeatureExtractor(), tokenizer=tok)
+    n = len(TINY_LANGS)
+    cfg = SeamlessM4Tv2Config(
+        vocab_size=len(tok), hidden_size=64, max_position_embeddings=256,
+        encoder_layers=2, decoder_layers=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
+        encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_layerdrop=0.0, decoder_layerdrop=0.0, speech_encoder_layerdrop=0.0,
+        dropout=0.0, attention_dropout=0.0, adaptor_dropout=0.0,
+        speech_encoder_layers=2, speech_encoder_attention_heads=4, speech_encoder_intermediate_size=128,
+        feature_projection_input_dim=160, conv_depthwise_kernel_size=5,
+        # the text-to-unit model and vocoder are always built by SeamlessM4Tv2Model: keep them tiny too
+        t2u_vocab_size=32, char_vocab_size=64, t2u_encoder_layers=1, t2u_decoder_layers=1,
+        t2u_encoder_ffn_dim=64, t2u_decoder_ffn_dim=64, t2u_encoder_attention_heads=2, t2u_decoder_attention_heads=2,
+        t2u_max_position_embeddings=256, t2u_variance_predictor_embed_dim=64, t2u_variance_predictor_hidden_dim=32,
+        unit_hifi_gan_vocab_size=28, unit_embed_dim=16, lang_embed_dim=8, spkr_embed_dim=8,
+        vocoder_num_langs=n, vocoder_num_spkrs=2, upsample_initial_channel=16,
+        upsample_rates=(5, 4), upsample_kernel_sizes=(11, 8), resblock_kernel_sizes=(3,),
+        resblock_dilation_sizes=((1, 3),),
+        pad_token_id=0, bos_token_id=2, eos_token_id=3, decoder_start_token_id=3)
+    torch.manual_seed(0)
+    model = SeamlessM4Tv2Model(cfg).eval()
+    gc = model.generation_config
+    gc.text_decoder_lang_to_code_id = {code: tok.convert_tokens_to_ids(f"__{code}__") for code in TINY_LANGS}
+    gc.t2u_lang_code_to_id = {code: i for i, code in enumerate(TINY_LANGS)}
+    gc.vocoder_lang_code_to_id = {code: i for i, code in enumerate(TINY_LANGS)}
+    gc._from_model_config = False  # otherwise from_pretrained drops the custom language maps
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
 
 
 class SeamlessM4Tv2(ModelPlugin):
@@ -119,62 +132,41 @@ class SeamlessM4Tv2(ModelPlugin):
     lens_stack = "text_decoder"
     padding_side = "right"
     option_defaults = {"tgt_lang": "eng", "src_lang": "label:language"}
+    hub_ids = ("facebook/seamless-m4t-v2-large",)
+    model_class = "SeamlessM4Tv2Model"
+    processor_class = "SeamlessM4TProcessor"
+    tiny = build_tiny
     stacks = (
-        Stack("speech_encoder", layers=("speech_encoder.encoder.layers",),
-              components={"out": "", "ffn1_norm": "ffn1_layer_norm", "ffn1_up": "ffn1.intermediate_dense",
-                          "ffn1_down": "ffn1.output_dense", "attn_norm": "self_attn_layer_norm",
-                          "q": "self_attn.linear_q", "k": "self_attn.linear_k", "v": "self_attn.linear_v",
-                          "attn_out": "self_attn.linear_out", "attn": "self_attn",
-                          "conv_norm": "conv_module.layer_norm", "pw_conv1": "conv_module.taps.pointwise_conv1",
-                          "glu": "conv_module.taps.glu", "dw_conv": "conv_module.taps.depthwise_conv",
-                          "dw_norm": "conv_module.depthwise_layer_norm",
-                          "pw_conv2": "conv_module.taps.pointwise_conv2", "conv": "conv_module",
-                          "ffn2_norm": "ffn2_layer_norm", "ffn2_up": "ffn2.intermediate_dense",
-                          "ffn2_down": "ffn2.output_dense", "final_norm": "final_layer_norm"},
-              extras={"features": ("speech_encoder.feature_projection",),
-                      "norm": ("speech_encoder.encoder.layer_norm",)}),
-        Stack("speech_adaptor", layers=("speech_encoder.adapter.layers",),
-              components={"out": "", "q": "self_attn.linear_q", "k": "self_attn.linear_k", "v": "self_attn.linear_v",
-                          "attn_out": "self_attn.linear_out", "ffn_norm": "ffn_layer_norm",
-                          "ffn_up": "ffn.intermediate_dense", "ffn_down": "ffn.output_dense"},
-              extras={"output": ("speech_encoder.inner_layer_norm",)}),
-        Stack("text_encoder", layers=("text_encoder.layers",),
-              components={"out": "", "attn_norm": "self_attn_layer_norm", **SELF_ATTN,
-                          "ffn_norm": "ffn_layer_norm", "fc1": "ffn.fc1", "fc2": "ffn.fc2"},
-              extras={"embed": ("text_encoder.embed_tokens",), "norm": ("text_encoder.layer_norm",)}),
-        # text_decoder must come before cross_kv: both live under text_decoder.layers, and the engine takes a
-        # module's per-step behaviour from the first stack whose layer path contains it.
+        Stack("speech_encoder", layers=("speech_encoder.encoder.layers",), components=conformer_layer(),
+              final_norm=("speech_encoder.encoder.layer_norm",), hidden_states="encoder_hidden_states",
+              extras={"features": Component("speech_encoder.feature_projection",
+                                            width=lambda m: m.projection.out_features)}),
+        Stack("speech_adaptor", layers=("speech_encoder.adapter.layers",), components=ADAPTOR_LAYER,
+              extras={"output": "speech_encoder.inner_layer_norm"}),
+        Stack("text_encoder", layers=("text_encoder.layers",), components=bart_layer(**NLLB_LAYER),
+              final_norm=("text_encoder.layer_norm",), hidden_states="encoder_hidden_states",
+              extras={"embed": "text_encoder.embed_tokens"}),
         Stack("text_decoder", layers=("text_decoder.layers",), runs="per_step",
-              components={"out": "", "attn_norm": "self_attn_layer_norm", **SELF_ATTN,
-                          "cross_norm": "cross_attention_layer_norm", "cross_q": "cross_attention.q_proj",
-                          "cross_out": "cross_attention.out_proj", "cross_attn": "cross_attention",
-                          "ffn_norm": "ffn_layer_norm", "fc1": "ffn.fc1", "fc2": "ffn.fc2"},
-              final_norm=("text_decoder.layer_norm",), unembed=("lm_head",)),
-        Stack("cross_kv", layers=("text_decoder.layers",),
-              components={"k": "cross_attention.k_proj", "v": "cross_attention.v_proj"}),
+              components=bart_layer(cross="cross_attention", cross_norm="cross_attention_layer_norm", **NLLB_LAYER),
+              final_norm=("text_decoder.layer_norm",), unembed=("lm_head",), hidden_states="decoder_hidden_states"),
+        Stack("cross_kv", layers=("text_decoder.layers",), components=cross_kv_layer("cross_attention")),
     )
 
-    def __init__(self, model: torch.nn.Module, processor: Any, checkpoint: str) -> None:
-        _add_conv_taps(model)
-        _mask_adaptor_padding(model)
-        super().__init__(model, processor, checkpoint)
-        self.processor.tokenizer.padding_side = "right"
-
-    @classmethod
-    def load(cls, checkpoint: str, device: str = "cpu", dtype: str = "float32",
-             device_map: str | None = None) -> "SeamlessM4Tv2":
-        from transformers import SeamlessM4TProcessor, SeamlessM4Tv2Model
-
+    def setup(self) -> None:
+        super().setup()
+        _mask_adaptor_padding(self.model)
         # The full model logs a warning on every forward pass ("This calls the same method `forward` as ...").
         logging.getLogger("transformers.models.seamless_m4t_v2.modeling_seamless_m4t_v2").setLevel(logging.ERROR)
-        source = tiny_checkpoint("seamless-m4t-v2", build_tiny) if checkpoint == "tiny" else checkpoint
-        model, processor = load_pretrained(SeamlessM4Tv2Model, SeamlessM4TProcessor, source, device=device,
-                                           dtype=dtype, device_map=device_map, plugin=cls.name)
+
+    @classmethod
+    def load_weights(cls, source: str | Path, *, device: str, dtype: str,
+                     device_map: str | None) -> tuple[torch.nn.Module, Any]:
+        model, processor = super().load_weights(source, device=device, dtype=dtype, device_map=device_map)
         if not getattr(model.generation_config, "text_decoder_lang_to_code_id", None):
-            raise PluginError(f"Checkpoint '{checkpoint}' has no generation_config.text_decoder_lang_to_code_id, so "
+            raise PluginError(f"Checkpoint '{source}' has no generation_config.text_decoder_lang_to_code_id, so "
                               "target languages cannot be set; use a SeamlessM4T v2 checkpoint with its "
                               "generation_config.json.")
-        return cls(model, processor, checkpoint)
+        return model, processor
 
     # ---- languages ----------------------------------------------------------------------------------
     @property
@@ -256,10 +248,7 @@ class SeamlessM4Tv2(ModelPlugin):
             encoded = [tok(it.text, src_lang=self.source_language(it)) for it in items]
             enc = tok.pad(encoded, padding=True, return_tensors="pt")
             inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-            width = enc["input_ids"].shape[1]
-            for b in range(len(items)):
-                length = int(enc["attention_mask"][b].sum())
-                offset = 0 if tok.padding_side == "right" else width - length
+            for offset, length in valid_ranges(enc["attention_mask"]):  # __src__ text </s>
                 pos = Positions(offset, length, {"text": (1, length - 1)} if length > 2 else {})
                 rows.append({"text_encoder": pos, "cross_kv": pos})
         for b, row in enumerate(rows):
@@ -288,26 +277,6 @@ class SeamlessM4Tv2(ModelPlugin):
     def target_ids(self, text: str) -> list[int]:
         """Token ids of a target text without ``</s>`` or language tokens (what follows the decoder prompt)."""
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-class _Tap(torch.nn.Identity):
-    """An identity module whose output is a channel-first activation seen time-major; exists to be read/edited."""
-
-
-def _add_conv_taps(model: torch.nn.Module) -> None:
-    """Give every Conformer conv module time-major taps for its channel-first submodules (idempotent)."""
-    for layer in get_module(model, "speech_encoder.encoder.layers"):
-        conv = layer.conv_module
-        if hasattr(conv, "taps"):
-            continue
-        conv.taps = torch.nn.ModuleDict({name: _Tap() for name in CONV_TAPS})
-        for name in CONV_TAPS:
-            tap = conv.taps[name]
-
-            def through_tap(_mod: Any, _args: Any, output: torch.Tensor, tap: torch.nn.Module = tap) -> torch.Tensor:
-                return tap(output.transpose(1, 2)).transpose(1, 2)
-
-            getattr(conv, name).register_forward_hook(through_tap)
 
 
 def _mask_adaptor_padding(model: torch.nn.Module) -> None:
@@ -342,50 +311,6 @@ def _mask_adaptor_padding(model: torch.nn.Module) -> None:
         layer.register_forward_hook(forget)
         for norm in (layer.residual_layer_norm, layer.self_attn_layer_norm):
             norm.register_forward_hook(zero_padding)
-
-
-def build_tiny(out_dir: Path) -> None:
-    """A 64-wide SeamlessM4T v2 (2 speech, 2 text encoder, 4 decoder layers) with the real processor, seeded."""
-    from transformers import (SeamlessM4TFeatureExtractor, SeamlessM4TProcessor, SeamlessM4TTokenizer,
-                              SeamlessM4Tv2Config, SeamlessM4Tv2Model)
-
-    # Character-level pieces plus "▁x" word starts (with their merges), so words start with distinct tokens.
-    lower = "abcdefghijklmnopqrstuvwxyz"
-    vocab = {"<pad>": 0, "<unk>": 1, "<s>": 2, "</s>": 3, "▁": 4}
-    for piece in [*lower, *lower.upper(), *"0123456789.,!?'-:;\"()éèàçüöäßñ", *(f"▁{c}" for c in lower),
-                  *(f"▁{c}" for c in lower.upper())]:
-        vocab.setdefault(piece, len(vocab))
-    merges = [("▁", c) for c in lower + lower.upper()]
-    tok = SeamlessM4TTokenizer(vocab=vocab, merges=merges, src_lang="eng", tgt_lang="eng",
-                               additional_special_tokens=[f"__{code}__" for code in TINY_LANGS])
-    processor = SeamlessM4TProcessor(feature_extractor=SeamlessM4TFeatureExtractor(), tokenizer=tok)
-    n = len(TINY_LANGS)
-    cfg = SeamlessM4Tv2Config(
-        vocab_size=len(tok), hidden_size=64, max_position_embeddings=256,
-        encoder_layers=2, decoder_layers=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
-        encoder_attention_heads=4, decoder_attention_heads=4,
-        encoder_layerdrop=0.0, decoder_layerdrop=0.0, speech_encoder_layerdrop=0.0,
-        dropout=0.0, attention_dropout=0.0, adaptor_dropout=0.0,
-        speech_encoder_layers=2, speech_encoder_attention_heads=4, speech_encoder_intermediate_size=128,
-        feature_projection_input_dim=160, conv_depthwise_kernel_size=5,
-        # the text-to-unit model and vocoder are always built by SeamlessM4Tv2Model: keep them tiny too
-        t2u_vocab_size=32, char_vocab_size=64, t2u_encoder_layers=1, t2u_decoder_layers=1,
-        t2u_encoder_ffn_dim=64, t2u_decoder_ffn_dim=64, t2u_encoder_attention_heads=2, t2u_decoder_attention_heads=2,
-        t2u_max_position_embeddings=256, t2u_variance_predictor_embed_dim=64, t2u_variance_predictor_hidden_dim=32,
-        unit_hifi_gan_vocab_size=28, unit_embed_dim=16, lang_embed_dim=8, spkr_embed_dim=8,
-        vocoder_num_langs=n, vocoder_num_spkrs=2, upsample_initial_channel=16,
-        upsample_rates=(5, 4), upsample_kernel_sizes=(11, 8), resblock_kernel_sizes=(3,),
-        resblock_dilation_sizes=((1, 3),),
-        pad_token_id=0, bos_token_id=2, eos_token_id=3, decoder_start_token_id=3)
-    torch.manual_seed(0)
-    model = SeamlessM4Tv2Model(cfg).eval()
-    gc = model.generation_config
-    gc.text_decoder_lang_to_code_id = {code: tok.convert_tokens_to_ids(f"__{code}__") for code in TINY_LANGS}
-    gc.t2u_lang_code_to_id = {code: i for i, code in enumerate(TINY_LANGS)}
-    gc.vocoder_lang_code_to_id = {code: i for i, code in enumerate(TINY_LANGS)}
-    gc._from_model_config = False  # otherwise from_pretrained drops the custom language maps
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
 
 
 @hookimpl

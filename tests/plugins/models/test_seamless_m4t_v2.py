@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -75,20 +76,24 @@ def test_tiny_round_trips_through_from_pretrained(plugin, probe_cache):
 def test_describe_shows_every_stack_and_component(plugin):
     d = plugin.describe()
     assert list(d) == ["speech_encoder", "speech_adaptor", "text_encoder", "text_decoder", "cross_kv"]
-    assert d["speech_encoder"]["components"] == [
-        "out", "ffn1_norm", "ffn1_up", "ffn1_down", "attn_norm", "q", "k", "v", "attn_out", "attn", "conv_norm",
-        "pw_conv1", "glu", "dw_conv", "dw_norm", "pw_conv2", "conv", "ffn2_norm", "ffn2_up", "ffn2_down",
-        "final_norm"]
-    assert d["speech_encoder"]["extras"] == ["features", "norm"] and d["speech_adaptor"]["extras"] == ["output"]
-    assert set(d["text_encoder"]["components"]) >= {"attn_norm", "q", "k", "v", "attn_out", "ffn_norm", "fc1", "fc2"}
-    assert set(d["text_decoder"]["components"]) >= {"cross_norm", "cross_q", "cross_out", "fc1", "fc2"}
+    hidden, inner = plugin.model.config.hidden_size, plugin.model.config.speech_encoder_intermediate_size
+    assert d["speech_encoder"]["components"] == {  # seed 002 A.8's parts, in the canonical vocabulary
+        "out": hidden, "ffn1_norm": hidden, "ffn1_up": inner, "ffn1_act": inner, "ffn1_down": hidden, "ffn1": hidden,
+        "attn_norm": hidden, "attn_q": hidden, "attn_k": hidden, "attn_v": hidden, "attn_o": hidden, "attn": hidden,
+        "conv_norm": hidden, "conv_pw1": 2 * hidden, "conv_glu": hidden, "conv_dw": hidden, "conv_dw_norm": hidden,
+        "conv_pw2": hidden, "conv": hidden, "mlp_norm": hidden, "mlp_up": inner, "mlp_act": inner,
+        "mlp_down": hidden, "mlp": hidden, "final_norm": hidden}
+    assert d["speech_encoder"]["extras"] == {"features": hidden, "norm": hidden}
+    assert d["speech_adaptor"]["extras"] == {"output": hidden}
+    assert set(d["text_encoder"]["components"]) >= {"attn_norm", "attn_q", "attn_o", "mlp_norm", "mlp_up", "mlp_down"}
+    assert set(d["text_decoder"]["components"]) >= {"cross_norm", "cross_q", "cross_o", "mlp_up", "mlp_act"}
     assert d["text_decoder"]["runs"] == "per_step" and d["text_decoder"]["lens"] and d["text_decoder"]["layers"] == 4
-    assert d["cross_kv"]["components"] == ["k", "v"] and d["cross_kv"]["runs"] == "once"
+    assert d["cross_kv"]["components"] == {"cross_k": hidden, "cross_v": hidden} and d["cross_kv"]["runs"] == "once"
 
 
 def _read_everything(session, items, stacks):
     plugin = session.plugin
-    patterns = [f"{s}.*.{c}" for s in stacks for c in plugin.resolved[s].spec.components]
+    patterns = [f"{s}.*.{c}" for s in stacks for c in plugin.resolved[s].paths]
     patterns += [f"{s}.{e}" for s in stacks for e in plugin.resolved[s].extras]
     return session.run(items, patterns, ["mean"])
 
@@ -99,7 +104,7 @@ def test_forward_from_speech_reads_every_site(speech, plugin):
     hidden = plugin.model.config.hidden_size
     for key, value in out.items():
         assert value.shape[0] == 2 and torch.isfinite(value).all(), key
-    assert out["speech_encoder.0.pw_conv1@mean"].shape == (2, 2 * hidden)
+    assert out["speech_encoder.0.conv_pw1@mean"].shape == (2, 2 * hidden)
     assert out["speech_encoder.1.ffn1_up@mean"].shape == (2, plugin.model.config.speech_encoder_intermediate_size)
     assert out["speech_adaptor.output@mean"].shape == out["text_decoder.3.out@mean"].shape == (2, hidden)
     rows = speech.prepare(clips()[:2]).rows
@@ -127,30 +132,29 @@ def test_forward_from_text_reads_every_site(text, plugin):
 
 def test_conv_taps_are_time_major_views_of_the_conv_module(speech, plugin):
     items = clips()[:2]
-    out = speech.run(items, ["speech_encoder.1.pw_conv1", "speech_encoder.1.glu", "speech_encoder.1.dw_conv",
-                             "speech_encoder.1.dw_norm", "speech_encoder.1.pw_conv2", "speech_encoder.1.conv"], ["all"])
+    out = speech.run(items, ["speech_encoder.1.conv_pw1", "speech_encoder.1.conv_glu", "speech_encoder.1.conv_dw",
+                             "speech_encoder.1.conv_dw_norm", "speech_encoder.1.conv_pw2", "speech_encoder.1.conv"],
+                     ["all"])
     conv = plugin.model.speech_encoder.encoder.layers[1].conv_module
     for b in range(2):
         pw1, glu, dw, dwn, pw2, whole = (out[f"speech_encoder.1.{c}@all"][b] for c in
-                                         ("pw_conv1", "glu", "dw_conv", "dw_norm", "pw_conv2", "conv"))
+                                         ("conv_pw1", "conv_glu", "conv_dw", "conv_dw_norm", "conv_pw2", "conv"))
         torch.testing.assert_close(glu, torch.nn.functional.glu(pw1, dim=-1))
         torch.testing.assert_close(dwn, conv.depthwise_layer_norm(dw))
         torch.testing.assert_close(pw2, whole)  # the module's own (time-major) output, dropout off
     # An edit at a tap changes the real activation: later modules see it.
-    clean = speech.run(items, ["speech_encoder.0.glu", "speech_encoder.0.dw_conv"], ["mean"])
-    edited = speech.run(items, ["speech_encoder.0.glu", "speech_encoder.0.dw_conv"], ["mean"], edits=[
-        Edit(site="speech_encoder.0.glu", op="add", positions="all", value=torch.ones(64))])
-    torch.testing.assert_close(edited["speech_encoder.0.glu@mean"], clean["speech_encoder.0.glu@mean"] + 1)
-    assert not torch.allclose(edited["speech_encoder.0.dw_conv@mean"], clean["speech_encoder.0.dw_conv@mean"])
+    clean = speech.run(items, ["speech_encoder.0.conv_glu", "speech_encoder.0.conv_dw"], ["mean"])
+    edited = speech.run(items, ["speech_encoder.0.conv_glu", "speech_encoder.0.conv_dw"], ["mean"], edits=[
+        Edit(site="speech_encoder.0.conv_glu", op="add", positions="all", value=torch.ones(64))])
+    torch.testing.assert_close(edited["speech_encoder.0.conv_glu@mean"], clean["speech_encoder.0.conv_glu@mean"] + 1)
+    assert not torch.allclose(edited["speech_encoder.0.conv_dw@mean"], clean["speech_encoder.0.conv_dw@mean"])
 
 
 def test_plugin_hooks_leave_an_unpadded_clip_unchanged(speech, plugin, probe_cache):
     """Taps and adaptor masking only act on padding: one clip gives the plain HF model's outputs."""
     from transformers import SeamlessM4Tv2Model
 
-    from lalm_probe.core.tiny import cache_dir
-
-    raw = SeamlessM4Tv2Model.from_pretrained(cache_dir() / "tiny" / "seamless-m4t-v2-v1").eval()
+    raw = SeamlessM4Tv2Model.from_pretrained(SeamlessM4Tv2.source("tiny")).eval()
     item = [Stimulus("odd", audio=tone(330, 0.77), sample_rate=SR)]  # an odd frame count: the processor pads one
     inputs = speech.prepare(item).inputs
     with torch.no_grad():
@@ -169,14 +173,14 @@ def _assert_alone_equals_batched(session, items, sites, positions):
 
 def test_padding_invariance_speech(speech, plugin):
     plugin.configure(tgt_lang="label:language")  # three target languages in one batch, too
-    _assert_alone_equals_batched(speech, clips(), ["speech_encoder.*.out", "speech_encoder.1.dw_conv",
-                                                   "speech_adaptor.0.out", "speech_adaptor.output", "cross_kv.*.k",
+    _assert_alone_equals_batched(speech, clips(), ["speech_encoder.*.out", "speech_encoder.1.conv_dw",
+                                                   "speech_adaptor.0.out", "speech_adaptor.output", "cross_kv.*.cross_k",
                                                    "text_decoder.*.out"], ["mean", "last"])
 
 
 def test_padding_invariance_text(text, plugin):
     plugin.configure(tgt_lang="label:language")
-    _assert_alone_equals_batched(text, texts(), ["text_encoder.*.out", "text_encoder.norm", "cross_kv.*.v",
+    _assert_alone_equals_batched(text, texts(), ["text_encoder.*.out", "text_encoder.norm", "cross_kv.*.cross_v",
                                                  "text_decoder.*.out"], ["mean", "last"])
 
 
@@ -290,9 +294,11 @@ def run_cli(capsys, *argv: str) -> tuple[int, str]:
 def test_cli_info_shows_the_stacks(capsys):
     code, out = run_cli(capsys, "info", "--model", "seamless-m4t-v2", "--checkpoint", "tiny")
     assert code == 0, out
-    for word in ("speech_", "text_encoder", "text_decoder", "cross_kv", "dw_conv", "cross_q", "logit lens stack: "
-                 "text_decoder"):
-        assert word in out  # (rich shortens long cells to the test console's width)
+    for word in ("speech_encoder: 2 layers", "text_encoder: 2 layers", "text_decoder: 4 layers", "cross_kv",
+                 "logit lens stack: text_decoder", "facebook/seamless-m4t-v2-large"):
+        assert word in out
+    assert re.search(r"speech_encoder\.<0\.\.1>\.conv_dw +64 +Conformer: depthwise convolution output", out)
+    assert re.search(r"text_decoder\.<0\.\.3>\.cross_q +64 ", out)
 
 
 def test_cli_run_logitlens(capsys, tmp_path, gender_manifest):

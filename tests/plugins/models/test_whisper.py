@@ -38,7 +38,8 @@ def clips(n: int = 3) -> list[Stimulus]:
 def test_tiny_loads_through_from_pretrained_and_lists_sites(whisper):
     info = whisper.plugin.describe()
     assert info["encoder"]["runs"] == "once" and info["decoder"]["runs"] == "per_step"
-    assert {"cross_q", "cross_o", "attn_k", "fc1", "mlp_norm"} <= set(info["decoder"]["components"])
+    assert {"cross_q", "cross_o", "attn_k", "mlp_up", "mlp_act", "mlp_norm"} <= set(info["decoder"]["components"])
+    assert info["cross_kv"]["components"] == {"cross_k": 64, "cross_v": 64} and info["cross_kv"]["runs"] == "once"
     again = Whisper.load("tiny")
     for p1, p2 in zip(whisper.plugin.model.parameters(), again.model.parameters()):
         assert torch.equal(p1, p2)
@@ -111,16 +112,15 @@ def test_forced_target_equals_teacher_forcing(forced):
 def test_intervention_at_a_step_leaves_earlier_steps_unchanged(forced):
     items = clips(2)
     positions = [f"step:{t}" for t in range(1, 5)]
-    clean = forced.generate(items, 4, ["decoder.1.fc2"], positions)
-    width = forced.plugin.model.config.d_model
-    edited = forced.generate(items, 4, ["decoder.1.fc2"], positions, edits=[
-        Edit(site="decoder.1.fc2", op="set", positions="last", units=[0, 1], value=[9.0, -9.0], steps=[3, 4])])
+    clean = forced.generate(items, 4, ["decoder.1.mlp_down"], positions)
+    edited = forced.generate(items, 4, ["decoder.1.mlp_down"], positions, edits=[
+        Edit(site="decoder.1.mlp_down", op="set", positions="last", units=[0, 1], value=[9.0, -9.0], steps=[3, 4])])
     for t in (1, 2):
-        torch.testing.assert_close(edited.reads[f"decoder.1.fc2@step:{t}"], clean.reads[f"decoder.1.fc2@step:{t}"])
+        torch.testing.assert_close(edited.reads[f"decoder.1.mlp_down@step:{t}"],
+                                   clean.reads[f"decoder.1.mlp_down@step:{t}"])
     for t in (3, 4):
-        assert edited.reads[f"decoder.1.fc2@step:{t}"][:, :2].tolist() == [[9.0, -9.0]] * 2
+        assert edited.reads[f"decoder.1.mlp_down@step:{t}"][:, :2].tolist() == [[9.0, -9.0]] * 2
     torch.testing.assert_close(edited.sequences[:, :6], clean.sequences[:, :6])
-    assert width > 2
 
 
 def test_outputs_report_detected_or_forced_language(whisper):

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.real
 @pytest.fixture(scope="module")
 def base():
     from lalm_probe.core.engine import Session
-    from lalm_probe.plugins.models.ct2_whisper import find_offline_whisper
+    from lalm_probe.plugins.models.ct2 import find_offline_whisper
     from lalm_probe.plugins.models.whisper import Whisper
 
     if shutil.which("espeak-ng") is None:
@@ -85,7 +85,7 @@ def test_default_run_is_the_whisper_language_lens_demo(base, tmp_path, capsys):
 
 
 def test_cli_runs_on_a_faster_whisper_directory(base, tmp_path, capsys):
-    from lalm_probe.plugins.models.ct2_whisper import find_offline_whisper
+    from lalm_probe.plugins.models.ct2 import find_offline_whisper
 
     src = find_offline_whisper("tiny.en")
     if src is None:

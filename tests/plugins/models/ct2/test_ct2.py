@@ -19,11 +19,12 @@ import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import WhisperConfig, WhisperForConditionalGeneration
+from transformers import WhisperConfig, WhisperForConditionalGeneration, WhisperProcessor
 from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
 from lalm_probe.core.errors import UserError
-from lalm_probe.plugins.models import ct2_whisper as cw
+from lalm_probe.plugins.models import ct2 as cw
+from lalm_probe.plugins.models.ct2 import format as ct2_format, offline as ct2_offline
 
 # ---------------------------------------------------------------------------------------------
 # Synthetic checkpoint writer (test-only inverse of the converter)
@@ -244,7 +245,7 @@ def test_multilingual_generation_and_cache_roundtrip(tmp_path: Path) -> None:
     write_ct2_dir(src, model)
 
     cache = tmp_path / "cache"
-    loaded, processor = cw.load_ct2_whisper(src, cache_dir=cache)
+    loaded, processor = cw.load_ct2_whisper(src, cache=cache)
     gen = loaded.generation_config
     assert gen.is_multilingual is True
     assert len(gen.lang_to_id) == 99 and gen.lang_to_id["<|fr|>"] == special["<|fr|>"]
@@ -267,9 +268,9 @@ def test_multilingual_generation_and_cache_roundtrip(tmp_path: Path) -> None:
 
     # Second load comes from the cache (no conversion) and gives identical logits.
     (converted,) = (cache / "ct2-whisper").iterdir()
-    stamp = (converted / cw.SOURCE_INFO_FILE).stat().st_mtime_ns
-    reloaded, _ = cw.load_ct2_whisper(src, cache_dir=cache)
-    assert (converted / cw.SOURCE_INFO_FILE).stat().st_mtime_ns == stamp
+    stamp = (converted / ct2_format.SOURCE_INFO_FILE).stat().st_mtime_ns
+    reloaded, _ = cw.load_ct2_whisper(src, cache=cache)
+    assert (converted / ct2_format.SOURCE_INFO_FILE).stat().st_mtime_ns == stamp
     assert torch.equal(_logits(reloaded, feats), _logits(loaded, feats))
     assert reloaded.generation_config.lang_to_id == gen.lang_to_id
 
@@ -285,12 +286,12 @@ def test_split_packages_are_reassembled(tmp_path: Path, monkeypatch: pytest.Monk
     for name in ("tokenizer.json", "config.json"):
         shutil.copy(src / name, pkg1 / name)
     fake = {"fake-part1": ("1.0", sorted(pkg1.iterdir())), "fake-part2": ("2.0", sorted(pkg2.iterdir()))}
-    monkeypatch.setattr(cw, "_installed", fake.get)
+    monkeypatch.setattr(ct2_offline, "_installed", fake.get)
     monkeypatch.setitem(cw.OFFLINE_PACKAGES, "fake", [("not-installed-a", "not-installed-b"),
                                                       ("fake-part1", "fake-part2")])
-    found = cw.find_offline_whisper("fake", cache_dir=tmp_path / "cache")
+    found = cw.find_offline_whisper("fake", cache=tmp_path / "cache")
     assert found is not None and (found / "model.bin").read_bytes() == blob
-    assert cw.find_offline_whisper("fake", cache_dir=tmp_path / "cache") == found  # reused
+    assert cw.find_offline_whisper("fake", cache=tmp_path / "cache") == found  # reused
     monkeypatch.setitem(cw.OFFLINE_PACKAGES, "missing", [("not-installed-a",)])
     assert cw.find_offline_whisper("missing") is None
     with pytest.raises(UserError, match="Known sizes"):
@@ -306,7 +307,7 @@ def test_not_a_checkpoint_dir(tmp_path: Path) -> None:
     assert not cw.is_ct2_whisper_dir(tmp_path / "empty")
     assert not cw.is_ct2_whisper_dir(tmp_path / "nowhere")
     for call in (lambda: cw.convert_ct2_whisper(tmp_path / "empty", tmp_path / "out"),
-                 lambda: cw.load_ct2_whisper(tmp_path / "empty", cache_dir=tmp_path / "cache")):
+                 lambda: cw.load_ct2_whisper(tmp_path / "empty", cache=tmp_path / "cache")):
         with pytest.raises(UserError, match="not a CTranslate2 Whisper checkpoint"):
             call()
     other = tmp_path / "translator"
@@ -336,12 +337,12 @@ def test_interrupted_conversion_leaves_no_cache(english_ckpt: tuple[Path, Whispe
     def crash(*args, **kwargs):
         raise KeyboardInterrupt  # e.g. Ctrl-C while the processor files are being written
 
-    monkeypatch.setattr(cw.WhisperProcessor, "save_pretrained", crash)
+    monkeypatch.setattr(WhisperProcessor, "save_pretrained", crash)
     with pytest.raises(KeyboardInterrupt):
-        cw.load_ct2_whisper(src, cache_dir=tmp_path / "cache")
+        cw.load_ct2_whisper(src, cache=tmp_path / "cache")
     assert list((tmp_path / "cache" / "ct2-whisper").iterdir()) == []
     monkeypatch.undo()
-    model, _ = cw.load_ct2_whisper(src, cache_dir=tmp_path / "cache")  # a later call converts cleanly
+    model, _ = cw.load_ct2_whisper(src, cache=tmp_path / "cache")  # a later call converts cleanly
     assert model.config.d_model == 16
 
 

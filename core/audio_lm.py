@@ -1,0 +1,94 @@
+"""The common shape of an audio-language model: an audio encoder feeding a decoder-only LM through a chat template.
+
+Qwen2-Audio, Qwen2.5-Omni, Voxtral, Audio Flamingo 3, Granite Speech and their kin take a chat conversation whose
+user turn holds an audio placeholder; the processor renders the template, expands the placeholder to one token per
+audio frame and pads the batch. :class:`AudioLM` does all of that from declarations, so a plugin for such a family
+states its classes, stacks and placeholder and writes only :meth:`AudioLM.audio_positions` (where a clip's valid
+frames sit on the audio encoder's time axis).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+
+from .data import Stimulus
+from .errors import UserError
+from .model import ModelPlugin, Prepared, Prompt
+from .positions import Positions, find_tokens, position_ids, token_run, valid_ranges
+
+
+class AudioLM(ModelPlugin):
+    """A decoder-only audio LM fed through its processor's chat template (stacks ``audio_encoder`` and ``lm``)."""
+
+    lens_stack = "lm"
+    padding_side = "left"
+    pass_position_ids: ClassVar[bool] = True  # mask-derived position ids, so a padded row sees its own positions
+    audio_kwarg: ClassVar[str] = "audio"  # the processor's keyword for the clips
+
+    def conversation(self, item: Stimulus, prompt: Prompt) -> list[dict[str, Any]]:
+        """The chat turns for one item: the audio (or the item's text in its place), then the user's text."""
+        content: list[dict[str, Any]] = []
+        if item.has_audio:
+            content.append({"type": "audio", "audio": "placeholder"})
+        text = self.user_text(item, prompt)
+        if text:
+            content.append({"type": "text", "text": text})
+        conv = [{"role": "user", "content": content}]
+        if prompt.assistant_prefix:
+            conv.append({"role": "assistant", "content": [{"type": "text", "text": prompt.assistant_prefix}]})
+        return conv
+
+    def user_text(self, item: Stimulus, prompt: Prompt) -> str | None:
+        """The text of the user turn: the instruction after a clip; for a text item, its text then the instruction."""
+        if item.has_audio:
+            return prompt.user
+        return "\n".join(t for t in (item.text, prompt.user) if t) or None
+
+    def render(self, item: Stimulus, prompt: Prompt) -> str:
+        """The chat template as text; an assistant prefix is continued rather than closed."""
+        conv = self.conversation(item, prompt)
+        if prompt.assistant_prefix:
+            return self.processor.apply_chat_template(conv, tokenize=False, continue_final_message=True)
+        return self.processor.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+
+    def encode(self, texts: list[str], clips: list[np.ndarray]) -> dict[str, Any]:
+        """The processor call: tokens with expanded placeholders, features, masks."""
+        return dict(self.processor(text=texts, **{self.audio_kwarg: clips or None}, sampling_rate=self.sample_rate,
+                                   return_tensors="pt", padding=True))
+
+    def audio_positions(self, inputs: dict[str, Any], clip: int) -> dict[str, Positions]:
+        """Where clip ``clip``'s valid frames sit on the audio encoder's time axis (``audio_encoder``; its row there
+        is ``clip``), and on any other audio time axis an extra is read on."""
+        raise NotImplementedError
+
+    def prepare(self, items: Sequence[Stimulus], audio: Sequence[np.ndarray | None],
+                prompts: Sequence[Prompt]) -> Prepared:
+        texts = [self.render(it, p) for it, p in zip(items, prompts)]
+        inputs = self.encode(texts, [a for a in audio if a is not None])
+        mask = inputs["attention_mask"]
+        if self.pass_position_ids:
+            inputs["position_ids"] = position_ids(mask)
+        tok = self.tokenizer
+        audio_id = tok.convert_tokens_to_ids(self.audio_token) if self.audio_token else None
+        rows, clip = [], 0
+        for b, (it, prompt, (offset, length)) in enumerate(zip(items, prompts, valid_ranges(mask))):
+            valid = inputs["input_ids"][b, offset:offset + length].tolist()
+            row: dict[str, Positions] = {}
+            spans: dict[str, tuple[int, int]] = {}
+            if it.has_audio:
+                span = token_run(valid, audio_id) if audio_id is not None else None
+                if span is None:
+                    raise UserError(f"Item '{it.id}': the processor put no '{self.audio_token}' placeholder in the "
+                                    "prompt; the model plugin does not match this processor.")
+                spans["audio"] = span
+                row.update(self.audio_positions(inputs, clip))
+                clip += 1
+            text = self.user_text(it, prompt)
+            found = find_tokens(valid, tok(text, add_special_tokens=False)["input_ids"]) if text else None
+            if found is not None:
+                spans["text"] = found
+            row["lm"] = Positions(offset, length, spans)
+            rows.append(row)
+        return Prepared(inputs, rows)
