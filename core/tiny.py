@@ -6,18 +6,13 @@ caches the result so the plugin then loads it through its ordinary ``from_pretra
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .files import cache_dir, publish_dir, temp_dir_for
+
 TINY_VERSION = "1"  # bump when a builder changes, so stale caches are not reused
-
-
-def cache_dir() -> Path:
-    """Where converted and generated assets live (``LALM_PROBE_CACHE`` or ``~/.cache/lalm_probe``)."""
-    return Path(os.environ.get("LALM_PROBE_CACHE", Path.home() / ".cache" / "lalm_probe"))
 
 
 def tiny_checkpoint(name: str, build: Callable[[Path], None]) -> Path:
@@ -25,17 +20,13 @@ def tiny_checkpoint(name: str, build: Callable[[Path], None]) -> Path:
     target = cache_dir() / "tiny" / f"{name}-v{TINY_VERSION}"
     if (target / "config.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    tmp = temp_dir_for(target)
     try:
         build(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():  # another process may have finished the same build first
+            publish_dir(tmp, target)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
