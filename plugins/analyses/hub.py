@@ -45,6 +45,7 @@ from lalm_probe.core.registry import hookimpl
 from lalm_probe.core.results import Result, Table
 from lalm_probe.core.threads import capped
 from lalm_probe.plugins.analyses import reps
+from lalm_probe.plugins.datasets.sentences import load_sentences
 
 
 # ---- (a) baseline-adjusted cosine ------------------------------------------------------------------------
@@ -325,8 +326,6 @@ class Hub(Analysis):
         """
         if self.corpus not in ("auto", "dataset", "builtin"):
             return read_corpus(self.corpus)
-        from lalm_probe.core.synth import load_sentences
-
         out: dict[str, list[str]] = {}
         if self.corpus in ("auto", "dataset"):
             for it in dataset:
