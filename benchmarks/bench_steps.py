@@ -57,7 +57,7 @@ def speech_clips(n: int, seconds: float, window: float) -> tuple[list[np.ndarray
     """``n`` clips of ``min(seconds, window)`` s: two espeak-ng sentences each (s01+s02, s02+s03, ...), else tones."""
     limit = int(SR * min(seconds, window))
     if shutil.which("espeak-ng"):
-        from lalm_probe.core.synth import synthesize
+        from lalm_probe.plugins.datasets.synth import synthesize
 
         k = min(n, 8) + 1
         with tempfile.TemporaryDirectory() as tmp:

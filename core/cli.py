@@ -1,4 +1,4 @@
-"""The ``probe`` command line: ``list``, ``info``, ``check``, ``run`` and ``data synth``.
+"""The ``probe`` command line: ``list``, ``info``, ``check``, ``run`` and the ``data`` subcommands plugins contribute.
 
 User errors print one line and exit with status 2; no traceback. Anything else is a bug and keeps its traceback.
 """
@@ -16,7 +16,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .commands import add_data_commands
 from .errors import UserError
+from .registry import Registry, discover
 
 console = Console()
 err_console = Console(stderr=True)
@@ -29,9 +31,7 @@ def _one_line_warnings() -> None:
     warnings.showwarning = show
 
 
-def _registry():
-    from .registry import discover
-
+def _registry() -> Registry:
     return discover()
 
 
@@ -55,7 +55,7 @@ def show_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]
 def cmd_list(args: argparse.Namespace) -> int:
     reg = _registry()
     rows = []
-    for kind in ("model", "analysis", "intervention", "dataset"):
+    for kind in ("model", "analysis", "intervention", "dataset", "data command"):
         for name in reg.names(kind):
             e = reg.entries[kind][name]
             about = getattr(e.obj, "description", "") or (e.obj.__doc__ or "").strip().split("\n")[0]
@@ -145,13 +145,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_synth(args: argparse.Namespace) -> int:
-    from .synth import run_synth
-
-    return run_synth(args)
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(registry: Registry | None = None) -> argparse.ArgumentParser:
+    """The whole CLI; ``probe data`` gets the subcommands of ``registry``'s plugins (none without one)."""
     parser = argparse.ArgumentParser(prog="probe", description="Mechanistic interpretability for audio-language models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -192,14 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     data = sub.add_parser("data", help="build datasets").add_subparsers(dest="data_command", required=True)
-    synth = data.add_parser("synth", help="synthesise parallel multilingual speech with espeak-ng")
-    try:
-        from .synth import add_synth_arguments
-
-        add_synth_arguments(synth)
-    except ImportError:  # pragma: no cover - synth is part of core; guard keeps `probe` usable while developing
-        pass
-    synth.set_defaults(func=cmd_synth)
+    if registry is not None:
+        add_data_commands(data, list(registry.entries["data command"].values()))
     return parser
 
 
@@ -211,8 +200,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     hf_logging.set_verbosity_error()  # generation-config chatter is not the user's business
     hf_logging.disable_progress_bar()  # our own progress bars say what is going on
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        # plugins are imported only for `probe data`, the one command whose options they define before parsing
+        args = build_parser(_registry() if argv[:1] == ["data"] else None).parse_args(argv)
         return args.func(args)
     except UserError as exc:
         err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)  # keeps [lists]

@@ -48,9 +48,12 @@ class Specs:
     def lalm_probe_datasets(self) -> dict[str, Callable]:
         """Named dataset sources usable as ``--data NAME:ARG``."""
 
+    @hookspec
+    def lalm_probe_data_commands(self) -> list[type]:
+        """``probe data NAME`` subcommands (subclasses of ``lalm_probe.core.commands.DataCommand``)."""
 
-KINDS = {"model": "lalm_probe_models", "analysis": "lalm_probe_analyses",
-         "intervention": "lalm_probe_interventions"}
+KINDS = {"model": "lalm_probe_models", "analysis": "lalm_probe_analyses", "intervention": "lalm_probe_interventions",
+         "dataset": "lalm_probe_datasets", "data command": "lalm_probe_data_commands"}
 BASES = {"model": ModelPlugin, "analysis": Analysis, "intervention": Intervention}
 
 
@@ -76,7 +79,7 @@ class Entry:
 class Registry:
     """Every plugin found, by kind and name."""
 
-    entries: dict[str, dict[str, Entry]] = field(default_factory=lambda: {k: {} for k in (*KINDS, "dataset")})
+    entries: dict[str, dict[str, Entry]] = field(default_factory=lambda: {k: {} for k in KINDS})
     skipped: list[str] = field(default_factory=list)
 
     def get(self, kind: str, name: str) -> Any:
@@ -143,7 +146,7 @@ def discover(extra_modules: list[Any] | None = None) -> Registry:
         except pluggy.PluginValidationError as exc:
             raise PluginError(f"Plugin module {module.__name__} ({package}) has an invalid hook: {exc}") from None
         package_of[id(module)] = package
-    for kind, hook in (*KINDS.items(), ("dataset", "lalm_probe_datasets")):
+    for kind, hook in KINDS.items():
         for impl in reversed(getattr(pm.hook, hook).get_hookimpls()):  # registration order
             found = impl.function() or []
             pairs = found.items() if isinstance(found, dict) else ((getattr(c, "name", None), c) for c in found)

@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Iterable, Sequence
 
 import numpy as np
 from scipy import stats
@@ -40,11 +40,13 @@ from scipy.special import softmax
 
 from lalm_probe.core.data import Dataset
 from lalm_probe.core.errors import UserError
+from lalm_probe.core.languages import label_code
 from lalm_probe.core.plugin import Analysis, Requirements
 from lalm_probe.core.registry import hookimpl
 from lalm_probe.core.results import Result, Table
 from lalm_probe.core.threads import capped
 from lalm_probe.plugins.analyses import reps
+from lalm_probe.plugins.datasets.sentences import load_sentences
 
 
 # ---- (a) baseline-adjusted cosine ------------------------------------------------------------------------
@@ -160,6 +162,17 @@ def read_corpus(path: str | Path) -> dict[str, list[str]]:
     if not out:
         raise UserError(f"hub: corpus file {p} holds no text.")
     return out
+
+
+def builtin_texts(wanted: Iterable[str] | None = None) -> dict[str, list[str]]:
+    """The built-in sentences per language: every language, or the ``wanted`` ones under the dataset's own
+    spelling (labels ``en``, ``eng`` and ``English`` all get the English sentences)."""
+    by_code: dict[str, list[str]] = {}
+    for s in load_sentences():
+        by_code.setdefault(s.language, []).append(s.text)
+    if wanted is None:
+        return by_code
+    return {label: list(by_code[label_code(label)]) for label in wanted if label_code(label) in by_code}
 
 
 # ---- the plugin ------------------------------------------------------------------------------------------
@@ -325,8 +338,6 @@ class Hub(Analysis):
         """
         if self.corpus not in ("auto", "dataset", "builtin"):
             return read_corpus(self.corpus)
-        from lalm_probe.core.synth import load_sentences
-
         out: dict[str, list[str]] = {}
         if self.corpus in ("auto", "dataset"):
             for it in dataset:
@@ -335,14 +346,10 @@ class Hub(Analysis):
                     out.setdefault(str(it.labels["language"]), []).append(str(text))
             out = {k: list(dict.fromkeys(v)) for k, v in out.items()}  # a sentence counts once per language
         if self.corpus == "builtin":
-            for s in load_sentences():
-                out.setdefault(s.language, []).append(s.text)
+            out = builtin_texts()
         elif self.corpus == "auto":
             wanted = {str(it.labels["language"]) for it in dataset if "language" in it.labels} | {self.dominant}
-            missing = wanted - set(out)
-            for s in load_sentences():
-                if s.language in missing:
-                    out.setdefault(s.language, []).append(s.text)
+            out.update(builtin_texts(wanted - set(out)))
         return out
 
     def _token_table(self, session: Any, dataset: Dataset, result: Result

@@ -21,6 +21,7 @@ import torch
 
 from lalm_probe.core.data import Dataset, Stimulus
 from lalm_probe.core.errors import UserError
+from lalm_probe.core.languages import find
 from lalm_probe.core.model import Prompt
 from lalm_probe.core.plugin import Analysis, Requirements
 from lalm_probe.core.registry import hookimpl
@@ -37,9 +38,6 @@ ATTRIBUTES: dict[str, dict[str, Any]] = {
     "animal": {"prefix": "The sound file's animal is", "question": "What animal makes the sound?",
                "labels": ["dog", "cat", "pig", "cow", "frog", "hen", "rooster", "sheep", "crow"]},
 }
-LANGUAGE_NAMES = {"en": "English", "de": "German", "es": "Spanish", "fr": "French", "it": "Italian", "zh": "Chinese",
-                  "ja": "Japanese", "ko": "Korean", "id": "Indonesian", "vi": "Vietnamese", "ru": "Russian",
-                  "ar": "Arabic", "hi": "Hindi", "pt": "Portuguese", "nl": "Dutch"}
 FORMATS = ("direct", "qa", "mc")
 
 
@@ -136,10 +134,7 @@ class LogitLens(Analysis):
         present = sorted({str(v) for v in values})
         if self.attribute:
             canonical = ATTRIBUTES[self.attribute]["labels"]
-            lookup = {c.lower(): c for c in canonical}
-            if self.attribute == "language":
-                lookup.update({k: v for k, v in LANGUAGE_NAMES.items() if v in canonical})
-            unknown = [v for v in present if v.lower() not in lookup and v not in (self.words or {})]
+            unknown = [v for v in present if self._canonical(v, canonical) is None and v not in (self.words or {})]
             if unknown:
                 raise UserError(f"Labels {unknown} are not in the AudioLens '{self.attribute}' set {canonical}; "
                                 "map them with words={...}.")
@@ -150,11 +145,17 @@ class LogitLens(Analysis):
         words = [str(lookup.get(y, y)) for y in ys]
         return ys, words
 
+    def _canonical(self, value: str, canonical: list[str]) -> str | None:
+        """The AudioLens label a value stands for, case-insensitively; a language also by any code or name
+        the language table knows (``de``, ``deu``, ``German`` -> ``German``)."""
+        if self.attribute == "language" and (lang := find(value)) is not None:
+            value = lang.name
+        return {c.lower(): c for c in canonical}.get(value.lower())
+
     def _targets(self, dataset: Dataset, ys: list[str]) -> np.ndarray:
         index = {y.lower(): i for i, y in enumerate(ys)}
-        if self.attribute == "language":
-            index.update({k: index[v.lower()] for k, v in LANGUAGE_NAMES.items() if v.lower() in index})
-        return np.array([index[str(v).lower()] for v in dataset.label_values(self.label)])
+        return np.array([index[(self._canonical(str(v), ys) or str(v)).lower()]
+                         for v in dataset.label_values(self.label)])
 
     def prompt(self, session: Any, item: Stimulus) -> Prompt:
         if not self.attribute:

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.metadata as md
 import sys
 import types
 
 import pytest
 
-from lalm_probe.core import registry
 from lalm_probe.core.errors import PluginError, UserError
 from lalm_probe.core.registry import PluginWarning, discover, hookimpl
+
+from helpers import add_entry_point
 
 
 def test_builtins_come_from_entry_points():
@@ -19,6 +19,9 @@ def test_builtins_come_from_entry_points():
     assert {"logitlens"} <= set(reg.names("analysis"))
     assert {"layer-enrich", "audio-mask"} <= set(reg.names("intervention"))
     assert reg.entries["model"]["qwen2audio"].package.startswith("lalm-probe")
+    assert {"synth", "fleurs", "covost2", "commonvoice", "vctk", "sakura"} <= set(reg.names("dataset"))
+    synth = reg.entries["data command"]["synth"]  # datasets are a plugin like any other
+    assert synth.package.startswith("lalm-probe") and synth.module == "lalm_probe.plugins.datasets.hooks"
 
 
 def test_example_third_party_package_is_discovered():
@@ -28,14 +31,8 @@ def test_example_third_party_package_is_discovered():
     assert "norms" in reg.names("analysis") and "shift-layer" in reg.names("intervention")
 
 
-def _with_extra_entry_point(monkeypatch, name: str, value: str) -> None:
-    real = registry._entry_points
-    extra = md.EntryPoint(name=name, value=value, group=registry.GROUP)
-    monkeypatch.setattr(registry, "_entry_points", lambda: [*real(), extra])
-
-
 def test_broken_plugin_is_skipped_with_a_warning_naming_it(monkeypatch):
-    _with_extra_entry_point(monkeypatch, "broken", "lalm_probe_no_such_module_xyz")
+    add_entry_point(monkeypatch, "broken", "lalm_probe_no_such_module_xyz")
     with pytest.warns(PluginWarning, match="Skipping plugin 'broken'"):
         reg = discover()
     assert "qwen2audio" in reg.names("model") and len(reg.skipped) == 1
@@ -44,7 +41,7 @@ def test_broken_plugin_is_skipped_with_a_warning_naming_it(monkeypatch):
 def test_plugin_raising_at_import_is_skipped(monkeypatch, tmp_path):
     (tmp_path / "explodes_on_import.py").write_text("raise RuntimeError('boom')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    _with_extra_entry_point(monkeypatch, "explodes", "explodes_on_import")
+    add_entry_point(monkeypatch, "explodes", "explodes_on_import")
     with pytest.warns(PluginWarning, match="RuntimeError: boom"):
         assert "logitlens" in discover().names("analysis")
 
@@ -59,7 +56,7 @@ def test_two_plugins_with_one_name_is_an_error_naming_both(monkeypatch):
 
     impostor.lalm_probe_models = hookimpl(lambda: [Other])
     monkeypatch.setitem(sys.modules, "impostor_plugin", impostor)
-    _with_extra_entry_point(monkeypatch, "impostor", "impostor_plugin")
+    add_entry_point(monkeypatch, "impostor", "impostor_plugin")
     with pytest.raises(PluginError, match="claim the model name 'qwen2audio'") as info:
         discover()
     assert "lalm_probe.plugins.models.qwen2audio" in str(info.value) and "impostor_plugin" in str(info.value)

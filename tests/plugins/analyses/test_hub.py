@@ -100,6 +100,15 @@ def test_count_tokens_and_corpus_file(tmp_path):
         read_corpus(tmp_path / "missing.tsv")
 
 
+def test_builtin_sentences_fill_languages_under_the_datasets_spelling():
+    speech = [Stimulus(f"{lang}-1", audio=np.zeros(160), sample_rate=16000, labels={"language": lang})
+              for lang in ("deu", "English")]
+    texts = Hub(corpus="auto").texts(Dataset(speech))
+    assert set(texts) == {"deu", "English", "en"}  # the labels as given, and the dominant language
+    assert texts["English"] == texts["en"] and "Die Katze schläft auf dem Bett." in texts["deu"]
+    assert set(Hub(corpus="builtin").texts(Dataset(speech))) >= {"de", "en", "zh"}  # the table's own codes
+
+
 # ---- end to end ------------------------------------------------------------------------------------------
 N_LAYERS, D, N_SENT = 5, 24, 10
 HUB_LAYERS = {2, 3}  # matched items share a state here, and the lens reads English tokens

@@ -40,6 +40,20 @@ def test_prompt_formats_follow_table_one():
         attribute_prompt("gender", "essay", [])
 
 
+def test_language_labels_in_any_spelling_score_as_the_audiolens_words():
+    from lalm_probe.core.data import Dataset, Stimulus
+
+    labels = ["de", "deu", "German", "zh-CN", "Mandarin", "en"]
+    ds = Dataset([Stimulus(f"i{k}", text="x", labels={"language": v}) for k, v in enumerate(labels)])
+    lens = LogitLens(attribute="language")
+    ys, words = lens.label_set(ds)
+    assert ys == words == ["English", "German", "Spanish", "French", "Italian", "Chinese", "Japanese", "Korean"]
+    assert lens._targets(ds, ys).tolist() == [1, 1, 1, 5, 5, 0]
+    bad = Dataset([Stimulus("a", text="x", labels={"language": "id"})])
+    with pytest.raises(UserError, match=r"Labels \['id'\] are not in the AudioLens 'language' set"):
+        lens.label_set(bad)
+
+
 def test_label_tokens_refuse_words_sharing_a_first_token(qwen_session):
     tok = qwen_session.plugin.tokenizer  # byte-level: the first token is the first byte
     assert len(set(label_token_ids(tok, ["male", "female"], leading_space=False))) == 2

@@ -37,7 +37,7 @@ def _words(text: str) -> list[str]:
 
 
 def _synth(query: str):
-    from lalm_probe.core.synth import synth_source
+    from lalm_probe.plugins.datasets.synth import synth_source
 
     return synth_source(query)
 

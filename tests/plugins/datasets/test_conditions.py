@@ -7,9 +7,9 @@ import shutil
 import numpy as np
 import pytest
 
-from lalm_probe.core import conditions
-from lalm_probe.core.conditions import CONDITIONS, add_noise, apply_condition, check_condition
 from lalm_probe.core.errors import UserError
+from lalm_probe.plugins.datasets import conditions
+from lalm_probe.plugins.datasets.conditions import CONDITIONS, add_noise, apply_condition, check_condition
 
 RATE = 16000
 needs_sox = pytest.mark.skipif(shutil.which("sox") is None, reason="sox not installed")

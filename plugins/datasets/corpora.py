@@ -15,8 +15,9 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from .data import Dataset, Stimulus
-from .errors import UserError
+from lalm_probe.core.data import Dataset, Stimulus
+from lalm_probe.core.errors import UserError
+from lalm_probe.core.languages import find, label_code
 
 
 def split_spec(arg: str) -> tuple[str, dict[str, str]]:
@@ -93,12 +94,6 @@ def _gender(value: str) -> str | None:
     return "other" if v == "other" else None
 
 
-def _short_lang(code: str) -> str:
-    """en_us -> en, zh-CN -> zh, cmn_hans_cn -> zh: one language code across corpora."""
-    head = re.split(r"[_-]", code)[0].lower()
-    return {"cmn": "zh"}.get(head, head)
-
-
 # --- FLEURS ----------------------------------------------------------------------------------------------
 
 _FLEURS_SPLITS = {"train": "train", "dev": "dev", "validation": "dev", "test": "test"}
@@ -120,7 +115,7 @@ def load_fleurs(arg: str) -> Dataset:
     wanted = _values(opts, "languages")
     if wanted:
         known = {d.name for d in lang_dirs}
-        lang_dirs = [d for d in lang_dirs if d.name in wanted or _short_lang(d.name) in wanted]
+        lang_dirs = [d for d in lang_dirs if d.name in wanted or label_code(d.name) in wanted]
         if not lang_dirs:
             raise UserError(f"fleurs: none of {', '.join(wanted)} in {base}; found: {', '.join(sorted(known))}.")
     splits = []
@@ -158,13 +153,13 @@ def _fleurs_split(lang_dir: Path, split: str, root: Path, texts: dict) -> Iterat
         if not path.is_file():
             missing += 1
             continue
-        labels: dict[str, Any] = {"semantic_id": f"fleurs-{sid}", "language": _short_lang(locale), "locale": locale,
+        labels: dict[str, Any] = {"semantic_id": f"fleurs-{sid}", "language": label_code(locale), "locale": locale,
                                   "modality": "speech", "split": split, "transcript": raw}
         if _gender(gender):
             labels["gender"] = _gender(gender)
         yield Stimulus(id=f"fleurs-{locale}-{split}-{Path(fname).stem}", audio=path, labels=labels)
         texts.setdefault((locale, sid), Stimulus(id=f"fleurs-{locale}-{sid}-text", text=raw, labels={
-            "semantic_id": f"fleurs-{sid}", "language": _short_lang(locale), "locale": locale, "modality": "text"}))
+            "semantic_id": f"fleurs-{sid}", "language": label_code(locale), "locale": locale, "modality": "text"}))
     if missing:
         warnings.warn(f"fleurs: {missing} rows of {tsv} have no audio in {audio_dir}; they were skipped.")
 
@@ -172,7 +167,7 @@ def _fleurs_split(lang_dir: Path, split: str, root: Path, texts: dict) -> Iterat
 # --- Common Voice and CoVoST 2 ---------------------------------------------------------------------------
 
 def _cv_labels(row: dict[str, str], locale: str) -> dict[str, Any]:
-    labels: dict[str, Any] = {"language": _short_lang(locale), "locale": locale, "modality": "speech"}
+    labels: dict[str, Any] = {"language": label_code(locale), "locale": locale, "modality": "speech"}
     sentence = row.get("sentence") or ""
     if sentence:
         labels["transcript"] = sentence
@@ -203,7 +198,7 @@ def load_commonvoice(arg: str) -> Dataset:
     wanted = _values(opts, "languages")
     if wanted:
         known = {d.name for d in lang_dirs}
-        lang_dirs = [d for d in lang_dirs if d.name in wanted or _short_lang(d.name) in wanted]
+        lang_dirs = [d for d in lang_dirs if d.name in wanted or label_code(d.name) in wanted]
         if not lang_dirs:
             raise UserError(f"commonvoice: none of {', '.join(wanted)} in {root}; found: {', '.join(sorted(known))}.")
     require = _values(opts, "require", []) or []
@@ -254,14 +249,14 @@ def load_covost2(arg: str) -> Dataset:
         row = {**cv.get(row["path"], {}), **{k: v for k, v in row.items() if v}}
         stem = Path(row["path"]).stem
         labels = {**_cv_labels(row, src), "semantic_id": f"covost-{stem}", "split": row["split"],
-                  "translation": row["translation"], "target_language": _short_lang(tgt)}
+                  "translation": row["translation"], "target_language": label_code(tgt)}
         items.append(Stimulus(id=f"covost-{stem}", audio=root / "clips" / row["path"], labels=labels))
         common = {"semantic_id": f"covost-{stem}", "modality": "text"}
         if row.get("sentence"):
             texts.append(Stimulus(id=f"covost-{stem}-{src}", text=row["sentence"],
-                                  labels={**common, "language": _short_lang(src)}))
+                                  labels={**common, "language": label_code(src)}))
         texts.append(Stimulus(id=f"covost-{stem}-{tgt}", text=row["translation"],
-                              labels={**common, "language": _short_lang(tgt)}))
+                              labels={**common, "language": label_code(tgt)}))
     if _flag(opts, "text"):
         items += texts
     return _finish(items, opts, f"covost2-{pair}", root)
@@ -328,8 +323,12 @@ def load_vctk(arg: str) -> Dataset:
 
 SAKURA_TRACKS = ("Gender", "Language", "Emotion", "Animal")
 _SAKURA_COLUMNS = {"file", "attribute_label", "single_instruction", "single_answer", "multi_instruction", "multi_answer"}
-_LANGUAGE_NAMES = {"english": "en", "german": "de", "spanish": "es", "french": "fr", "italian": "it",
-                   "japanese": "ja", "korean": "ko", "chinese": "zh", "mandarin": "zh"}
+
+
+def _sakura_language(name: str) -> str:
+    """SAKURA's language labels are English names (English, Chinese): the ISO code where the table has one."""
+    lang = find(name)
+    return lang.iso1 if lang else name
 
 
 def load_sakura(arg: str) -> Dataset:
@@ -365,7 +364,7 @@ def load_sakura(arg: str) -> Dataset:
                 raise UserError(f"sakura: audio '{row['file']}' listed in {d / 'metadata.csv'} is missing "
                                 f"(looked in {d / 'audio'} and {d}).")
             value = row["attribute_label"].strip()
-            key_value = _LANGUAGE_NAMES.get(value.lower(), value) if track == "language" else value.lower()
+            key_value = _sakura_language(value) if track == "language" else value.lower()
             labels = {track: key_value, "attribute": value, "track": track, "modality": "speech",
                       "answer": row[f"{hop}_answer"].strip()}
             items.append(Stimulus(id=f"sakura-{track}-{Path(row['file']).stem}", audio=audio,

@@ -10,7 +10,6 @@ cached by content.
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import io
 import itertools
@@ -23,18 +22,23 @@ import wave
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 import soundfile as sf
 import soxr
+from rich.console import Console
 
-from .conditions import apply_condition, check_condition
-from .data import Dataset, Stimulus, write_manifest
-from .errors import UserError, unknown_name
-from .progress import progress_bar
+from lalm_probe.core.commands import DataCommand
+from lalm_probe.core.data import Dataset, Stimulus, write_manifest
+from lalm_probe.core.errors import UserError, unknown_name
+from lalm_probe.core.files import cache_dir
+from lalm_probe.core.languages import espeak_voice, espeak_voices
+from lalm_probe.core.progress import progress_bar
+from lalm_probe.plugins.datasets.conditions import apply_condition, check_condition
+from lalm_probe.plugins.datasets.corpora import split_spec
+from lalm_probe.plugins.datasets.sentences import Sentence, load_sentences, select_sentences, table_digest
 
 SAMPLE_RATE = 16000
 # espeak-ng peaks at full scale for some voices (zh, vi); 6 dB of headroom lets noise and resampling overshoot
@@ -42,59 +46,9 @@ SAMPLE_RATE = 16000
 HEADROOM = 0.5
 PIPELINE_VERSION = "2"  # bump when rendering changes, so cached files are not reused by mistake
 
-# Language (ISO 639-1) -> espeak-ng voice. Mandarin must use cmn-latn-pinyin: the plain cmn/zh voices of
-# espeak-ng 1.51 read the tone digits of their dictionary aloud.
-ESPEAK_VOICES: dict[str, str] = {
-    "en": "en-us", "fr": "fr-fr", "de": "de", "es": "es", "it": "it", "ru": "ru",
-    "zh": "cmn-latn-pinyin", "ja": "ja", "ko": "ko", "id": "id", "vi": "vi",
-}
+# Language (ISO 639-1) -> espeak-ng voice, from the core language table.
+ESPEAK_VOICES: dict[str, str] = espeak_voices()
 VOICE_GENDER: dict[str, str] = {**{f"m{i}": "male" for i in range(1, 9)}, **{f"f{i}": "female" for i in range(1, 6)}}
-SENTENCE_SETS = ("parallel", "paraphrase", "all")
-
-
-@dataclass(frozen=True)
-class Sentence:
-    """One row of the built-in table; ``spoken`` is what espeak-ng is given when it differs from ``text``."""
-
-    semantic_id: str
-    language: str
-    text: str
-    spoken: str
-    paraphrase_of: str | None
-
-
-@lru_cache(maxsize=1)
-def load_sentences() -> tuple[Sentence, ...]:
-    """The built-in parallel sentences and English paraphrase pairs (core/sentences.tsv)."""
-    raw = resources.files(__package__).joinpath("sentences.tsv").read_text(encoding="utf-8")
-    rows = csv.DictReader((ln for ln in raw.splitlines() if not ln.startswith("#")), delimiter="\t",
-                          quoting=csv.QUOTE_NONE)
-    return tuple(Sentence(r["semantic_id"], r["language"], r["text"], r["spoken"] or r["text"],
-                          r["paraphrase_of"] or None) for r in rows)
-
-
-def _table_digest() -> str:
-    return hashlib.sha256(repr(load_sentences()).encode()).hexdigest()[:12]
-
-
-def _select_sentences(sentence_ids: Iterable[str] | None) -> list[str]:
-    """Expand set names (parallel, paraphrase, all) and check ids; keeps the table's order."""
-    table = load_sentences()
-    order = list(dict.fromkeys(s.semantic_id for s in table))
-    para = {s.semantic_id for s in table if s.paraphrase_of}
-    wanted: set[str] = set()
-    for sid in sentence_ids or ["parallel"]:
-        if sid == "parallel":
-            wanted |= set(order) - para
-        elif sid == "paraphrase":
-            wanted |= para
-        elif sid == "all":
-            wanted |= set(order)
-        elif sid in order:
-            wanted.add(sid)
-        else:
-            raise unknown_name("sentence id", sid, [*SENTENCE_SETS, *order])
-    return [sid for sid in order if sid in wanted]
 
 
 def _require_espeak() -> str:
@@ -167,11 +121,11 @@ def _speech_id(sent: Sentence, voice: str, rate: int, pitch: int, condition: str
 def _plan(exe: str, version: str, sent: Sentence, voice: str, rate: int, pitch: int, conditions: Sequence[str],
           wav_dir: Path) -> _Job:
     """One espeak-ng call and its output files, each named by a hash of all that shapes its audio."""
-    espeak_voice = f"{ESPEAK_VOICES[sent.language]}+{voice}"
-    base = _key(sent.spoken, espeak_voice, rate, pitch, version, SAMPLE_RATE, PIPELINE_VERSION)
+    voice_name = f"{espeak_voice(sent.language)}+{voice}"
+    base = _key(sent.spoken, voice_name, rate, pitch, version, SAMPLE_RATE, PIPELINE_VERSION)
     outputs = tuple((c, wav_dir / f"{_speech_id(sent, voice, rate, pitch, c)}.{_key(base, c)[:12]}.wav")
                     for c in conditions)
-    return _Job(exe, sent.spoken, espeak_voice, rate, pitch, int(base[:8], 16), outputs)
+    return _Job(exe, sent.spoken, voice_name, rate, pitch, int(base[:8], 16), outputs)
 
 
 def synthesize(out_dir: str | Path, languages: Sequence[str], voices: Sequence[str], conditions: Sequence[str],
@@ -203,7 +157,7 @@ def synthesize(out_dir: str | Path, languages: Sequence[str], voices: Sequence[s
     if not (languages and voices and conditions and rates and pitches):
         raise UserError("synthesize needs at least one language, voice, condition, rate and pitch.")
     by_key = {(s.semantic_id, s.language): s for s in load_sentences()}
-    ids = _select_sentences(sentence_ids)
+    ids = select_sentences(sentence_ids)
     for sid in ids:
         missing = [lang for lang in languages if (sid, lang) not in by_key]
         if missing:
@@ -267,11 +221,6 @@ PRESETS: dict[str, dict[str, list[str]]] = {
 _LIST_OPTIONS = ("languages", "voices", "conditions", "rates", "pitches", "sentences")
 
 
-def cache_root() -> Path:
-    """Where rendered datasets live; LALM_PROBE_CACHE moves it (tests point it at a temporary folder)."""
-    return Path(os.environ.get("LALM_PROBE_CACHE", Path.home() / ".cache" / "lalm_probe")).expanduser()
-
-
 def synth_source(name: str) -> Dataset:
     """Build a named synthetic dataset, e.g. ``parallel`` or ``parallel?languages=en,fr&voices=m1``.
 
@@ -279,8 +228,6 @@ def synth_source(name: str) -> Dataset:
     paraphrase pairs), devices (English under 5 recording conditions), voices (English in all 13 voices).
     Options: languages, voices, conditions, rates, pitches, sentences (comma lists), text (yes/no), workers.
     """
-    from .corpora import split_spec
-
     preset, opts = split_spec(name)
     if preset not in PRESETS:
         raise unknown_name("synthetic dataset", preset, PRESETS)
@@ -305,8 +252,8 @@ def synth_source(name: str) -> Dataset:
 def default_out_dir(params: dict[str, list[str]], include_text: bool) -> Path:
     """A cache folder named by a hash of the request, the sentence table and the espeak-ng version."""
     version = espeak_version(_require_espeak())
-    digest = _key({k: params[k] for k in sorted(params)}, include_text, version, _table_digest(), PIPELINE_VERSION)
-    return cache_root() / "synth" / digest[:16]
+    digest = _key({k: params[k] for k in sorted(params)}, include_text, version, table_digest(), PIPELINE_VERSION)
+    return cache_dir() / "synth" / digest[:16]
 
 
 def _ints(values: Sequence[str], what: str) -> list[int]:
@@ -336,8 +283,6 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_synth(args: argparse.Namespace) -> int:
     """Render the requested grid and say where the manifest is."""
-    from rich.console import Console
-
     params = {k: [v.strip() for v in str(getattr(args, k)).split(",") if v.strip()] for k in _LIST_OPTIONS}
     out = Path(args.out) if args.out else default_out_dir(params, not args.no_text)
     start = time.perf_counter()
@@ -349,3 +294,16 @@ def run_synth(args: argparse.Namespace) -> int:
                     f"{time.perf_counter() - start:.1f} s\nmanifest: [bold]{out / 'manifest.jsonl'}[/]\n"
                     f"use it with: --data {out / 'manifest.jsonl'}", soft_wrap=True)  # paths stay copyable
     return 0
+
+
+class SynthCommand(DataCommand):
+    """``probe data synth``: render a grid of espeak-ng speech to wav files and a manifest."""
+
+    name = "synth"
+    description = "synthesise parallel multilingual speech with espeak-ng"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        add_synth_arguments(parser)
+
+    def run(self, args: argparse.Namespace) -> int:
+        return run_synth(args)

@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 import scipy.signal as ss
 
-from .errors import UserError
+from lalm_probe.core.errors import UserError
 
 CONDITIONS: tuple[str, ...] = ("clean", "telephone", "codec", "mulaw", "noise<N>db", "reverb", "reverb<N>ms")
 
