@@ -21,6 +21,13 @@ def bf16(x: np.ndarray) -> np.ndarray:
     return rounded.astype(np.uint32).view(np.float32)
 
 
+def few_ties(rng: np.random.Generator) -> np.ndarray:
+    """float32 scores where a handful of items per unit share a score (the rare ties of real float32 data)."""
+    x = rng.normal(size=(300, 40)).astype(np.float32)
+    x[::30] = x[1::30]
+    return x
+
+
 @pytest.fixture
 def labels() -> np.ndarray:
     rng = np.random.default_rng(0)
@@ -30,6 +37,7 @@ def labels() -> np.ndarray:
 @pytest.mark.parametrize("name, make", [
     ("normal float64", lambda rng: rng.normal(size=(300, 40))),
     ("normal float32", lambda rng: rng.normal(size=(300, 40)).astype(np.float32)),
+    ("a few ties", few_ties),
     ("heavy ties: 3 values", lambda rng: rng.integers(0, 3, size=(300, 40)).astype(np.float64)),
     ("heavy ties: rounded to 0.5", lambda rng: np.round(rng.normal(size=(300, 40)) * 2) / 2),
     ("bf16-rounded", lambda rng: bf16(rng.normal(size=(300, 40)))),
