@@ -62,6 +62,10 @@ def test_constant_unit_scores_the_positive_rate_and_single_ties_behave_like_skle
     y = np.array([1, 0, 1, 0])
     x = np.array([[0.5, 7.0], [0.5, 7.0], [0.5, 7.0], [0.1, 7.0]])
     np.testing.assert_allclose(average_precision(x, y), [2 / 3, 0.5], atol=1e-15)  # METHODS §7.2
+    labels = np.random.default_rng(6).random(500) < 0.3
+    constant = np.tile([-2.0, 0.0, 3.5, 1e30], (500, 1))
+    np.testing.assert_allclose(average_precision(constant, labels), np.full(4, labels.mean()), atol=1e-15)
+    np.testing.assert_allclose(average_precision(constant, labels), sklearn_ap(constant, labels), atol=1e-12)
 
 
 def test_all_positive_gives_one_and_no_positive_gives_zero_as_sklearn() -> None:
