@@ -89,7 +89,7 @@ def expertise_table(per_site: Mapping[str, Expertise]) -> ExpertiseTable:
         cols["unit"].append(np.arange(width, dtype=np.int64))
         for name in VALUE_COLUMNS:
             cols[name].append(np.asarray(getattr(result, name), dtype=np.float64))
-    return _from_columns({name: np.concatenate(parts) for name, parts in cols.items()})
+    return from_columns({name: np.concatenate(parts) for name, parts in cols.items()})
 
 
 def write_csv(table: ExpertiseTable, path: str | PathLike[str]) -> None:
@@ -117,11 +117,12 @@ def read_csv(path: str | PathLike[str]) -> ExpertiseTable:
         out.update({name: np.asarray(cols[name], dtype=np.float64) for name in VALUE_COLUMNS})
     except ValueError as err:
         raise UserError(f"{path}: a value in the expertise table cannot be read ({err}).") from None
-    return _from_columns(out)
+    return from_columns(out)
 
 
-def _from_columns(cols: Mapping[str, np.ndarray]) -> ExpertiseTable:
-    """Normalise dtypes (str, int64, float64); an empty table keeps them too."""
+def from_columns(cols: Mapping[str, np.ndarray]) -> ExpertiseTable:
+    """A table from column arrays or lists (every name of ``COLUMNS``), with dtypes normalised to str, int64
+    and float64."""
     out = {name: np.asarray(cols[name], dtype=str) for name in ("site", "stack", "component")}
     out.update({name: np.asarray(cols[name], dtype=np.int64) for name in ("layer", "unit")})
     out.update({name: np.asarray(cols[name], dtype=np.float64) for name in VALUE_COLUMNS})

@@ -12,13 +12,13 @@ from lalm_probe.core.errors import UserError
 from lalm_probe.plugins.analyses.neurons.overlap import (ap_spearman, aligned_ap, diagonal_concentration,
                                                          diagonal_ratio, overlap_matrix, permutation_test,
                                                          ratio_by_k)
-from lalm_probe.plugins.analyses.neurons.table import _from_columns
+from lalm_probe.plugins.analyses.neurons.table import from_columns
 
 
 def table_of(ap_by_unit: dict[tuple[str, int], float]) -> object:
     keys = list(ap_by_unit)
     ap = np.array([ap_by_unit[k] for k in keys])
-    return _from_columns({"site": [k[0] for k in keys], "stack": [k[0].split(".")[0] for k in keys],
+    return from_columns({"site": [k[0] for k in keys], "stack": [k[0].split(".")[0] for k in keys],
                           "layer": [int(k[0].split(".")[1]) for k in keys], "component": ["fc1"] * len(keys),
                           "unit": [k[1] for k in keys], "ap": ap, "on_p50": ap, "on_p90": ap, "off_mean": ap,
                           "off_p50": ap})

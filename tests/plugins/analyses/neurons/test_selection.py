@@ -8,18 +8,16 @@ import pytest
 from lalm_probe.core.errors import UserError
 from lalm_probe.plugins.analyses.neurons.expertise import unit_expertise
 from lalm_probe.plugins.analyses.neurons.selection import ranking, select, selected_keys
-from lalm_probe.plugins.analyses.neurons.table import (COLUMNS, ExpertiseTable, expertise_table, parse_site,
-                                                       read_csv, write_csv)
+from lalm_probe.plugins.analyses.neurons.table import (COLUMNS, ExpertiseTable, expertise_table, from_columns,
+                                                       parse_site, read_csv, write_csv)
 
 
 def table_of(rows: list[tuple[str, int, float]]) -> ExpertiseTable:
     """A table from (site, unit, ap) rows; forcing values are derived so every column is distinct."""
-    from lalm_probe.plugins.analyses.neurons.table import _from_columns
-
     site = [r[0] for r in rows]
     parsed = [parse_site(s) for s in site]
     ap = np.array([r[2] for r in rows])
-    return _from_columns({"site": site, "stack": [p[0] for p in parsed], "layer": [p[1] for p in parsed],
+    return from_columns({"site": site, "stack": [p[0] for p in parsed], "layer": [p[1] for p in parsed],
                           "component": [p[2] for p in parsed], "unit": [r[1] for r in rows], "ap": ap,
                           "on_p50": ap + 1, "on_p90": ap + 2, "off_mean": ap - 1, "off_p50": ap - 2})
 
