@@ -68,7 +68,8 @@ class QformerConnector(nn.Module):
 
     The Q-Former is transformers' ``BertEncoder`` (2 layers, cross-attention). The release builds it directly from a
     fresh ``BertConfig`` (eager attention, no mask), so its prompt self-attention is bidirectional even though the
-    config says ``is_decoder``; transformers 5 would make it causal, so that is switched off here.
+    config says ``is_decoder``. Here eager attention and ``is_causal=False`` are set explicitly, because with SDPA
+    transformers 5 would honour ``is_causal`` (= ``is_decoder``) and silently make it causal.
     """
 
     def __init__(self, config: Desta2Config) -> None:

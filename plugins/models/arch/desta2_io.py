@@ -22,7 +22,7 @@ import torch
 from lalm_probe.core.errors import UserError
 
 from .desta2 import Desta2Config, DestaModel
-from .layout import Batch, RowSpans, left_pad, positions_from_mask, token_span
+from .layout import Batch, RowSpans, left_pad, positions_from_mask, token_span, whisper_frames
 from .sources import assign, fetch, read_json, torch_load
 from .tiny import LLAMA3_CHAT_TEMPLATE, LLAMA3_SPECIALS, byte_tokenizer, tiny_llama, tiny_whisper
 
@@ -102,14 +102,17 @@ class Desta2Processor:
                                   "position_ids": positions_from_mask(mask)}
         clips = [a for a in audios if a is not None]
         rows, clip, starts = [], 0, []
-        frames = self.whisper_processor.feature_extractor.nb_max_frames // 2  # encoder frames of the window
+        fe = self.whisper_processor.feature_extractor
+        lengths = iter([len(a) for a in clips])
         for ids, lay in zip(rows_ids, layouts):
             offset = input_ids.shape[1] - len(ids)
             has = lay["audio"] is not None
             if has:
                 starts.append(offset + lay["audio"][0])
-            rows.append(RowSpans(offset, len(ids), lay["audio"], lay["text"], frames if has else None,
-                                 clip if has else None, {k: v for k, v in lay["extra"].items() if v}))
+            frames = whisper_frames(next(lengths), fe.hop_length, fe.nb_max_frames) if has else None
+            rows.append(RowSpans(offset, len(ids), lay["audio"], lay["text"], frames, clip if has else None,
+                                 {k: v for k, v in lay["extra"].items() if v},
+                                 {"speech_perception.whisper": frames} if has else {}))
             clip += int(has)
         if clips:
             inputs.update(input_features=self.features(clips, sampling_rate),
@@ -125,7 +128,9 @@ def load_desta2(source: str | Path, *, dtype: torch.dtype = torch.float32, devic
     """Assemble DeSTA2 from its checkpoint (``config.json`` + ``qformer_connector.pth``) and its two base models.
 
     ``whisper_model`` / ``llama_model`` override ``whisper_model_id`` / ``llama_model_id`` (e.g. local copies).
-    The release's remote code (``trust_remote_code``) needs hub downloads inside ``__init__`` and is not offered.
+    The release's remote code (``trust_remote_code``) is not offered: its config and module ``__init__`` download
+    both base models from the hub by id (so local copies and offline use are impossible), and it was never run on
+    transformers 5 here.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, WhisperForConditionalGeneration, WhisperProcessor
 

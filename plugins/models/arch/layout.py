@@ -18,9 +18,10 @@ import torch
 class RowSpans:
     """Where one row's parts sit. LM spans are ``[start, end)`` relative to ``offset`` (the left padding).
 
-    ``audio_frames`` is the number of valid frames the audio encoder produced for this row's clip (``None`` for a
-    text-only row); ``clip`` its index on the encoder's batch axis. ``extra`` holds family-specific spans
-    (DeSTA2's ``transcription``).
+    ``audio_frames`` is the number of encoder frames that come from this row's audio (not from window padding;
+    ``None`` for a text-only row); ``encoder_frames`` gives the same per encoder module when a family has several
+    (SALMONN: ``speech_encoder`` and ``beats``); ``clip`` is the row's first index on the encoder's batch axis.
+    ``extra`` holds family-specific LM spans (DeSTA2's ``transcription``).
     """
 
     offset: int
@@ -30,6 +31,7 @@ class RowSpans:
     audio_frames: int | None = None
     clip: int | None = None
     extra: dict[str, tuple[int, int]] = field(default_factory=dict)
+    encoder_frames: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -50,6 +52,13 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
             ids[b, width - len(row):] = torch.tensor(list(row), dtype=torch.long)
             mask[b, width - len(row):] = 1
     return ids, mask
+
+
+def whisper_frames(samples: int, hop: int = 160, window_frames: int = 3000) -> int:
+    """Whisper encoder frames covering ``samples`` of audio: mel frames ceil(samples / hop), capped at the window,
+    halved by the stride-2 convolution."""
+    mel = min(-(-samples // hop), window_frames)
+    return (mel - 1) // 2 + 1
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:

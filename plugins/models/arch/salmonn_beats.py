@@ -22,6 +22,13 @@ from .kaldi_fbank import fbank
 FBANK_MEAN, FBANK_STD = 15.41663, 6.55582  # ``BEATs.preprocess`` defaults
 
 
+def beats_tokens(samples: int, patch: int = 16) -> int:
+    """BEATs output tokens for a 16 kHz clip: (fbank frames // patch) time patches x (128 // patch) frequency
+    patches, flattened time-major; fbank frames = 1 + (samples - 400) // 160."""
+    frames = max(0, (samples - 400) // 160 + 1)
+    return frames // patch * (128 // patch)
+
+
 @dataclass
 class BEATsConfig:
     """``BEATsConfig``; a checkpoint's ``cfg`` dict overrides these defaults."""
@@ -197,10 +204,9 @@ class BEATs(nn.Module):
             self.predictor = nn.Linear(cfg.encoder_embed_dim, cfg.predictor_class)
 
     def output_lengths(self, samples: torch.Tensor) -> torch.Tensor:
-        """Valid output tokens per clip: (fbank frames // patch) time patches x (128 // patch) frequency patches."""
-        frames = torch.clamp((samples - 400) // 160 + 1, min=0)
-        p = self.cfg.input_patch_size
-        return frames // p * (128 // p)
+        """Valid output tokens per clip (see :func:`beats_tokens`)."""
+        return torch.tensor([beats_tokens(int(n), self.cfg.input_patch_size) for n in samples.tolist()],
+                            device=samples.device)
 
     def extract_features(self, waves: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Features of right-padded clips ``waves`` ``(b, samples)`` with ``lengths`` valid samples each; every

@@ -21,8 +21,9 @@ import torch
 
 from lalm_probe.core.errors import UserError
 
-from .layout import Batch, RowSpans, left_pad, positions_from_mask, token_span
+from .layout import Batch, RowSpans, left_pad, positions_from_mask, token_span, whisper_frames
 from .salmonn import SalmonnConfig, SalmonnModel
+from .salmonn_beats import beats_tokens
 from .sources import assign, fetch, is_local, read_json, read_tensors, torch_load, weight_files
 from .tiny import byte_tokenizer, tiny_llama, tiny_whisper
 
@@ -85,14 +86,20 @@ class SalmonnProcessor:
         input_ids, mask = left_pad(rows_ids, self.filler_id)
         inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask,
                                   "position_ids": positions_from_mask(mask)}
-        frames = self.feature_extractor.nb_max_frames // 2
+        fe = self.feature_extractor
+        lengths = iter([len(w) for w in waves])
         rows, clip, starts = [], 0, []
         for ids, (speech, text_span) in zip(rows_ids, layouts):
             offset = input_ids.shape[1] - len(ids)
             if speech:
                 starts.append(offset + speech[0])
-            rows.append(RowSpans(offset, len(ids), speech, text_span, frames if speech else None,
-                                 clip if speech else None))
+            frames = {}
+            if speech:
+                n = next(lengths)
+                frames = {"speech_encoder": whisper_frames(n, fe.hop_length, fe.nb_max_frames),
+                          "beats": beats_tokens(n)}
+            rows.append(RowSpans(offset, len(ids), speech, text_span, frames.get("speech_encoder"),
+                                 clip if speech else None, encoder_frames=frames))
             clip += int(speech is not None)
         if waves:
             lens = torch.tensor([len(w) for w in waves])

@@ -120,7 +120,8 @@ class UltravoxProcessor:
             offset = input_ids.shape[1] - len(ids)
             starts += [offset + s for s in lay["starts"]]
             rows.append(RowSpans(offset, len(ids), lay["audio"], lay["text"], lay["frames"],
-                                 clip if lay["clips"] else None))
+                                 clip if lay["clips"] else None,
+                                 encoder_frames={"audio_tower": lay["frames"]} if lay["clips"] else {}))
             clip += lay["clips"]
         if clips:
             width = max(c.shape[-1] for c in clips)
@@ -143,13 +144,14 @@ def load_ultravox(source: str | Path, *, dtype: torch.dtype = torch.float32, dev
     """Assemble a released Ultravox from its checkpoint (hub id or directory) and its two base models.
 
     ``audio_model`` / ``text_model`` override the checkpoint's ``audio_model_id`` / ``text_model_id`` (local copies).
-    ``trust_remote_code`` is refused: the hub code (written for transformers 4.4x, it imports ``peft`` and
-    ``accelerate`` at module level and passes ``cache_position``) does not run on transformers 5.
+    ``trust_remote_code`` is refused: the hub code is written for transformers 4.4x and calls what transformers 5
+    removed (``transformers.modeling_utils._init_weights`` when building the tower,
+    ``ModuleUtilsMixin.get_extended_attention_mask`` in its encoder forward); it also imports ``peft``/``accelerate``.
     """
     if trust_remote_code:
         raise UserError(f"{WHAT}: the release's remote code targets transformers 4.x and does not load on "
                         "transformers 5; this loader rebuilds the model from its weights instead.")
-    from transformers import AutoModelForCausalLM, AutoTokenizer, WhisperFeatureExtractor
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, WhisperFeatureExtractor
 
     src = str(source)
     raw = read_json(src, "config.json", what=WHAT)
@@ -197,7 +199,8 @@ def load_ultravox(source: str | Path, *, dtype: torch.dtype = torch.float32, dev
         from transformers import GenerationConfig
 
         model.generation_config = GenerationConfig.from_pretrained(str(Path(gen).parent))
-    tok = AutoTokenizer.from_pretrained(tokenizer or src)
+    # an empty config stops AutoTokenizer from parsing config.json ("ultravox" is not a transformers model type)
+    tok = AutoTokenizer.from_pretrained(tokenizer or src, config=PretrainedConfig())
     tok.padding_side = "left"
     fe_src = src if fetch(src, "preprocessor_config.json", what=WHAT, required=False) else audio_src
     fe = WhisperFeatureExtractor.from_pretrained(fe_src)

@@ -79,6 +79,7 @@ def test_prompt_is_token_for_token_the_release_process_text(desta2):
     assert row.audio == (10, 18)
     assert row.extra["transcription"] == (19, 22)  # " ok" (its space, o, k)
     assert row.text == (31, 33)
+    assert row.audio_frames == 50 and row.encoder_frames == {"speech_perception.whisper": 50}  # 1 s of a 2 s window
 
 
 def test_transcription_comes_from_the_whisper_inside_the_model(desta2):

@@ -87,6 +87,7 @@ def test_layout_helpers():
     assert out[..., 0].tolist() == [[0, 1, 2, 0], [0, 0, 0, 0], [3, 0, 5, 6]]
 
 
+@pytest.mark.filterwarnings("ignore:Module .* has a submodule named 'output'")  # BERT's own name; see E_output
 @pytest.mark.parametrize("family", ["ultravox", "desta2", "salmonn"])
 def test_nnsight_reads_lm_layers_and_steps_through_generate(family, request):
     """The models trace like transformers models: a layer read equals ``output_hidden_states``, and ``generate``

@@ -89,6 +89,8 @@ def test_prompt_is_token_for_token_the_release_prompt_wrap(salmonn):
     after = [27, 14, 50, 79, 68, 68, 66, 71, 29, 220, 39, 72, 198, 32, 50, 50, 40, 50, 51, 32, 45, 51, 25]
     assert batch.inputs["input_ids"][0].tolist() == [257] + before + [259] * 5 + after
     assert (batch.rows[0].audio, batch.rows[0].text) == ((15, 20), (30, 32))
+    # 1 s: 100 mel frames -> 50 Whisper frames; 98 fbank frames -> 6 time x 8 frequency BEATs patches
+    assert batch.rows[0].encoder_frames == {"speech_encoder": 50, "beats": 48}
 
 
 def test_audio_is_padded_to_one_second_and_cut_to_the_window(salmonn):

@@ -54,6 +54,7 @@ def test_prompt_is_token_for_token_the_release_processor(ultravox):
     assert batch.inputs["audio_token_len"].tolist() == [7]
     row = batch.rows[0]
     assert (row.audio, row.text, row.audio_frames) == ((12, 19), (9, 11), 50)
+    assert row.encoder_frames == {"audio_tower": 50}
 
 
 def test_audio_span_covers_exactly_the_placeholder_positions(ultravox):
