@@ -160,3 +160,13 @@ def test_unavailable_parts_are_one_sentence_errors(desta2, tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "DestaModel"}')
     with pytest.raises(UserError, match="qformer_connector.pth' is missing"):
         load_desta2(tmp_path)
+
+
+def test_an_assistant_prefix_continues_the_generation_prompt(desta2):
+    """AudioLens prompts (seed 003, Table I) start the answer: ``<ASST>The speaker's gender is``; the prefix follows
+    the template's generation prompt and is the last thing the LM reads."""
+    proc = desta2.processor
+    msgs = [proc.messages("What is the gender of the speaker?", audio=True)]
+    batch = proc(msgs, [clips()[0]], [" hi"], assistant_prefixes=["The speaker's gender is"])
+    text = proc.tokenizer.decode(batch.inputs["input_ids"][0])
+    assert text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\nThe speaker's gender is")

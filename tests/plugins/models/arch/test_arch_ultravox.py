@@ -141,3 +141,11 @@ def test_unavailable_parts_are_one_sentence_errors(ultravox, tmp_path):
         load_ultravox("./no/such/dir")
     with pytest.raises(UserError, match="transformers 4"):
         load_ultravox(ultravox.paths["ultravox"], trust_remote_code=True)
+
+
+def test_an_assistant_prefix_and_a_system_turn_render_in_the_chat_template(ultravox):
+    proc = ultravox.processor
+    text = proc.render("Who speaks?", audio=True, system="Be brief.", assistant_prefix="The speaker is")
+    assert text == ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+                    "<|start_header_id|>user<|end_header_id|>\n\nWho speaks? <|audio|><|eot_id|>"
+                    "<|start_header_id|>assistant<|end_header_id|>\n\nThe speaker is")
