@@ -176,8 +176,12 @@ class SonarSpeechProcessor:
 
 def infer_config(state: dict[str, torch.Tensor]) -> SonarSpeechConfig:
     """The released arch from tensor shapes (heads are model_dim / 64, as in both released archs)."""
+    needed = ("encoder_frontend.model_dim_proj.weight", "encoder.layers.0.ffn1.inner_proj.weight",
+              "encoder.layers.0.conv.depthwise_conv.weight", "encoder_pooler.decoder.layers.0.ffn.inner_proj.weight")
+    if any(key not in state for key in needed):
+        raise UserError(f"The checkpoint does not match a SONAR speech encoder (it has no {needed[0]}).")
     dim = state["encoder_frontend.model_dim_proj.weight"].shape[0]
-    count = lambda prefix: len({k.split(".")[len(prefix.split("."))] for k in state if k.startswith(prefix)})
+    count = lambda prefix: len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})
     return SonarSpeechConfig(
         model_dim=dim, num_encoder_layers=count("encoder.layers."), num_encoder_attn_heads=dim // 64,
         ffn_inner_dim=state["encoder.layers.0.ffn1.inner_proj.weight"].shape[0],
