@@ -130,7 +130,7 @@ class QWenAttention(nn.Module):
         q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if self.use_logn_attn and not self.training:
             # logn_tensor[i-1] = log_{seq_length}(i) for i > seq_length, else 1 (i = position + 1)
-            pos1 = (position_ids + 1).to(q.dtype if q.is_floating_point() else torch.float32)
+            pos1 = (position_ids + 1).float()
             logn = torch.where(pos1 > self.seq_length, torch.log(pos1) / math.log(self.seq_length),
                                torch.ones_like(pos1))
             q = q * logn[:, :, None, None].type_as(q)
@@ -179,6 +179,8 @@ class QWenPreTrainedModel(PreTrainedModel):
     config: QWenConfig
     base_model_prefix = "transformer"
     _no_split_modules = ["QWenBlock", "ResidualAttentionBlock"]
+    # a fixed sinusoid table: refilled by _init_weights when a checkpoint does not carry it
+    _keys_to_ignore_on_load_missing = [r"transformer\.audio\.positional_embedding"]
     _supports_cache_class = True
 
     def _init_weights(self, module: nn.Module) -> None:

@@ -46,7 +46,8 @@ class QwenAudioRow:
     length: int
     audio_spans: list[tuple[int, int]] = field(default_factory=list)
     text_span: tuple[int, int] | None = None
-    clips: list[int] = field(default_factory=list)
+    clips: list[int] = field(default_factory=list)  # indices into input_audios, in order of appearance
+    clip_frames: list[int] = field(default_factory=list)  # valid audio-encoder frames per clip (before pooling)
 
 
 @dataclass
@@ -192,8 +193,9 @@ class QwenAudioProcessor:
             mask[b, offset:] = 1
             starts = [i for i, t in enumerate(ctx.ids) if t == self.tokenizer.audio_start_id]
             spans = [(s, ctx.ids.index(self.tokenizer.audio_end_id, s) + 1) for s in starts]
+            frames = [int(feats[1][c, 0]) for c in clip_ids[b]] if feats else []
             rows.append(QwenAudioRow(offset, len(ctx.ids), spans, self._text_span(ctx.ids, ctx.content),
-                                     clip_ids[b]))
+                                     clip_ids[b], frames))
         inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask,
                                   "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
         if feats is not None:

@@ -128,7 +128,7 @@ def test_row_layout_points_at_the_audio_placeholders_and_the_text(tiny):
     valid = ids[0, first.offset:].tolist()
     (start, end), = first.audio_spans
     assert valid[start] == AUDIO and valid[end - 1] == END_AUDIO and valid[start + 1:end - 1] == [PAD] * 25
-    assert valid[slice(*first.text_span)] == QUESTION and first.clips == [0]
+    assert valid[slice(*first.text_span)] == QUESTION and first.clips == [0] and first.clip_frames == [50]
     second = rows[1]
     assert second.offset == ids.shape[1] - second.length and second.audio_spans == []
     assert ids[1, second.offset:].tolist()[slice(*second.text_span)] == QUESTION
@@ -224,6 +224,35 @@ def test_encoder_output_lands_exactly_on_the_audio_span(tiny):
     outside = torch.ones(h.shape[0], dtype=torch.bool)
     outside[start:end] = False
     assert torch.equal(h[outside], embeds[0][outside])
+
+
+def test_release_style_audio_info_gives_the_same_logits(tiny):
+    model, processor = tiny
+    batch = processor([list_format_query(1, "What is the gender?")], [[tone(200, 0.6)]])
+    info = {"input_audios": batch.inputs["input_audios"], "input_audio_lengths": batch.inputs["input_audio_lengths"],
+            "audio_span_tokens": [14]}
+    with torch.no_grad():
+        assert torch.equal(model(**batch.inputs).logits,
+                           model(input_ids=batch.inputs["input_ids"], audio_info=info).logits)
+
+
+def test_a_checkpoint_without_the_sinusoid_table_gets_it_recomputed(tiny_dir, tmp_path):
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from lalm_probe.plugins.models.arch.qwen_audio_encoder import sinusoids
+
+    shutil.copytree(tiny_dir, tmp_path, dirs_exist_ok=True)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shard = index["weight_map"].pop("transformer.audio.positional_embedding")
+    tensors = load_file(tmp_path / shard)
+    del tensors["transformer.audio.positional_embedding"]
+    save_file(tensors, tmp_path / shard, metadata={"format": "pt"})
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    model, _ = load_qwen_audio_chat(tmp_path)
+    assert torch.equal(model.transformer.audio.positional_embedding, sinusoids(1500, 64))
 
 
 def test_greedy_generate_equals_a_hand_run_forward_loop(tiny):

@@ -415,3 +415,21 @@ def test_real_arch_is_inferred_from_a_checkpoint_without_config(speech, tmp_path
     inferred = infer_config(model.state_dict())
     assert (inferred.model_dim, inferred.num_encoder_layers, inferred.num_decoder_layers,
             inferred.depthwise_conv_kernel_size) == (64, 2, 2, 31)
+
+
+def test_nnsight_reads_encoder_layers_and_the_poolings(text, speech):
+    from nnsight import NNsight
+
+    for (model, processor), batch, pool in ((text, text[1](["hello world", "the cat"], "eng_Latn"), "pooling"),
+                                            (speech, speech[1]([clip(0.5, 1), clip(0.3, 2)]), "encoder_pooler")):
+        nm, layers, pooled = NNsight(model), [], []
+        with torch.no_grad(), nm.trace(**batch.inputs):
+            for layer in nm.encoder.layers:
+                layers.append(layer.output.save())
+            pooled.append(getattr(nm, pool).output.save())
+        with torch.no_grad():
+            out = model(**batch.inputs, output_hidden_states=True)
+        assert len(layers) == 2
+        for i, saved in enumerate(layers):
+            torch.testing.assert_close(saved, out.hidden_states[i + 1])
+        torch.testing.assert_close(pooled[0], out.sentence_embedding)
