@@ -36,6 +36,7 @@ class Context:
     raw_text: str
     ids: list[int]
     content: tuple[int, int]  # [start, end) of the current query's content tokens
+    clips: list[int]  # which of the given clips appear (a history turn past the window drops its clips)
 
 
 @dataclass
@@ -118,22 +119,23 @@ class QwenAudioProcessor:
         """
         tok = self.tokenizer
         nl = tok.encode("\n")
-        spans = list(spans)
+        queue = list(enumerate(spans))
 
-        def take(text: str) -> list[int]:
+        def take(text: str) -> list[tuple[int, int]]:
             n = text.count(AUDIO_START)
-            taken, spans[:n] = spans[:n], []
+            taken, queue[:n] = queue[:n], []
             return taken
 
-        def turn(role: str, content: str, content_spans: list[int]) -> list[int]:
+        def turn(role: str, content: str, content_spans: list[tuple[int, int]]) -> list[int]:
             allowed = tok.audio_specials
             return ([tok.im_start_id] + tok.encode(role, allowed) + nl
-                    + tok.encode(content, allowed, content_spans) + [tok.im_end_id])
+                    + tok.encode(content, allowed, [n for _, n in content_spans]) + [tok.im_end_id])
 
-        system_tokens = turn("system", system, take(system))
+        system_spans = take(system)
+        system_tokens = turn("system", system, system_spans)
         turns = [(q, take(q), r, take(r) if r is not None else []) for q, r in history]
         context: list[int] = []
-        raw = ""
+        raw, kept = "", []
         for q, q_spans, r, r_spans in reversed(turns):
             nxt = nl + turn("user", q, q_spans) + nl
             chat = f"\n<|im_start|>user\n{q}<|im_end|>\n"
@@ -142,17 +144,18 @@ class QwenAudioProcessor:
                 chat += f"<|im_start|>assistant\n{r}<|im_end|>"
             if len(system_tokens) + len(nxt) + len(context) >= max_window_size:
                 break
-            context, raw = nxt + context, chat + raw
+            context, raw, kept = nxt + context, chat + raw, q_spans + r_spans + kept
         ids = system_tokens + context + nl + [tok.im_start_id] + tok.encode("user", tok.audio_specials) + nl
         start = len(ids)
-        ids += tok.encode(query, tok.audio_specials, take(query))
+        query_spans = take(query)
+        ids += tok.encode(query, tok.audio_specials, [n for _, n in query_spans])
         end = len(ids)
         ids += [tok.im_end_id] + nl + [tok.im_start_id] + tok.encode("assistant") + nl
         raw = f"<|im_start|>system\n{system}<|im_end|>{raw}\n<|im_start|>user\n{query}<|im_end|>\n<|im_start|>assistant\n"
         if assistant_prefix:
             ids += tok.encode(assistant_prefix)
             raw += assistant_prefix
-        return Context(raw, ids, (start, end))
+        return Context(raw, ids, (start, end), [i for i, _ in system_spans + kept + query_spans])
 
     def _text_span(self, ids: list[int], content: tuple[int, int]) -> tuple[int, int] | None:
         """The user's text: the content after its last ``</audio>``, leading newline tokens skipped."""
@@ -173,15 +176,17 @@ class QwenAudioProcessor:
         audios = audios if audios is not None else [[] for _ in queries]
         flat = [clip for row in audios for clip in row]
         feats = self.audio_features(flat) if flat else None
-        contexts, clip_ids, next_clip = [], [], 0
+        contexts, used, next_clip = [], [], 0
         for b, query in enumerate(queries):
             n = len(audios[b])
             row_spans = feats[2][next_clip: next_clip + n] if feats else []
             contexts.append(self.make_context(
                 query, row_spans, history=histories[b] if histories else (), system=system,
                 assistant_prefix=assistant_prefixes[b] if assistant_prefixes else None))
-            clip_ids.append(list(range(next_clip, next_clip + n)))
+            used.append([next_clip + i for i in contexts[-1].clips])
             next_clip += n
+        order = [c for row in used for c in row]  # clips that reach the prompt, in row-major order
+        clip_ids = [[order.index(c) for c in row] for row in used]
         width = max(len(c.ids) for c in contexts)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.full((len(contexts), width), pad, dtype=torch.long)
@@ -193,11 +198,11 @@ class QwenAudioProcessor:
             mask[b, offset:] = 1
             starts = [i for i, t in enumerate(ctx.ids) if t == self.tokenizer.audio_start_id]
             spans = [(s, ctx.ids.index(self.tokenizer.audio_end_id, s) + 1) for s in starts]
-            frames = [int(feats[1][c, 0]) for c in clip_ids[b]] if feats else []
+            frames = [int(feats[1][order[c], 0]) for c in clip_ids[b]]
             rows.append(QwenAudioRow(offset, len(ctx.ids), spans, self._text_span(ctx.ids, ctx.content),
                                      clip_ids[b], frames))
         inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask,
                                   "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
-        if feats is not None:
-            inputs["input_audios"], inputs["input_audio_lengths"] = feats[0], feats[1]
+        if order:
+            inputs["input_audios"], inputs["input_audio_lengths"] = feats[0][order], feats[1][order]
         return QwenAudioBatch(inputs, rows, [c.raw_text for c in contexts])

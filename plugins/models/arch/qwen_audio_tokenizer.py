@@ -135,7 +135,7 @@ class QwenTokenizer:
     def convert_ids_to_tokens(self, ids: int | Sequence[int]) -> str | list[str]:
         """Readable token strings (byte tokens decoded with replacement, as a printout wants them)."""
         def one(i: int) -> str:
-            tok = self.decoder[int(i)]
+            tok = self.decoder.get(int(i), f"<|unused_{int(i)}|>")  # the LM's rows past the vocabulary
             return tok if isinstance(tok, str) else tok.decode("utf-8", errors="replace")
         return one(ids) if isinstance(ids, int) else [one(i) for i in ids]
 

@@ -55,9 +55,21 @@ def released_keys() -> set[str]:
     return keys | {f"transformer.audio.{k}" for k in audio}
 
 
+# config.json of the release (QwenLM/Qwen-Audio; Qwen/Qwen-Audio-Chat ships the same architecture fields)
+RELEASED_CONFIG = dict(
+    architectures=["QWenLMHeadModel"], attn_dropout_prob=0.0, bf16=False, fp16=False, fp32=False, emb_dropout_prob=0.0,
+    intermediate_size=22016, initializer_range=0.02, kv_channels=128, layer_norm_epsilon=1e-05, model_type="qwen",
+    hidden_size=4096, num_attention_heads=32, num_hidden_layers=32, max_position_embeddings=8192, no_bias=True,
+    onnx_safe=None, rotary_emb_base=10000, rotary_pct=1.0, scale_attn_weights=True, seq_length=2048,
+    tie_word_embeddings=False, tokenizer_type="QWenTokenizer", use_cache=True, vocab_size=155947, use_dynamic_ntk=True,
+    use_logn_attn=True, audio=dict(n_mels=80, n_ctx=1500, n_state=1280, n_head=20, n_layer=32, output_dim=4096,
+                                   avg_pool=True, add_audio_bos_eos_token=True, audio_start_id=155163))
+
+
 def test_real_size_state_dict_keys_and_shapes_are_the_released_checkpoints():
     with torch.device("meta"):
-        model = QWenLMHeadModel(QWenConfig())  # defaults = the released config.json
+        model = QWenLMHeadModel(QWenConfig(**RELEASED_CONFIG))
+    assert QWenConfig().to_dict()["audio"] == RELEASED_CONFIG["audio"]  # our defaults are the release's
     state = model.state_dict()
     assert set(state) == released_keys()
     shapes = {"transformer.wte.weight": (155947, 4096), "transformer.h.0.attn.c_attn.weight": (12288, 4096),
@@ -118,6 +130,18 @@ def test_history_and_assistant_prefix_follow_the_chat_format(tiny):
     history = (NL + [IM_START] + USER + NL + QUESTION + [IM_END] + NL + [IM_START] + ASSISTANT + NL + PREFIX
                + [IM_END])
     assert batch.inputs["input_ids"][0].tolist() == expected_context(QUESTION, history) + PREFIX
+
+
+def test_history_audio_reaches_the_prompt_unless_the_window_drops_its_turn(tiny):
+    model, processor = tiny
+    first, now = list_format_query(1, "What is the gender?"), list_format_query(1, "What is the gender?")
+    batch = processor([now], [[tone(200, 0.5), tone(300, 1.0)]], histories=[[(first, "The speaker's gender is")]])
+    assert [e - s for s, e in batch.rows[0].audio_spans] == [14, 27] and batch.rows[0].clips == [0, 1]
+    with torch.no_grad():
+        assert model(**batch.inputs).logits.shape[1] == batch.inputs["input_ids"].shape[1]
+    # make_context keeps a history turn only while system + turns stay under max_window_size
+    ctx = processor.make_context(now, [14, 27], history=[(first, "The speaker's gender is")], max_window_size=60)
+    assert ctx.clips == [1] and ctx.ids.count(AUDIO) == 1 and ctx.raw_text.count("<audio>") == 1
 
 
 def test_row_layout_points_at_the_audio_placeholders_and_the_text(tiny):
