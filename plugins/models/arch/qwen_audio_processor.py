@@ -151,7 +151,8 @@ class QwenAudioProcessor:
         ids += tok.encode(query, tok.audio_specials, [n for _, n in query_spans])
         end = len(ids)
         ids += [tok.im_end_id] + nl + [tok.im_start_id] + tok.encode("assistant") + nl
-        raw = f"<|im_start|>system\n{system}<|im_end|>{raw}\n<|im_start|>user\n{query}<|im_end|>\n<|im_start|>assistant\n"
+        raw = (f"<|im_start|>system\n{system}<|im_end|>{raw}\n<|im_start|>user\n{query}<|im_end|>\n"
+               f"<|im_start|>assistant\n")
         if assistant_prefix:
             ids += tok.encode(assistant_prefix)
             raw += assistant_prefix

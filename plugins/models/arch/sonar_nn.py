@@ -60,7 +60,7 @@ def sinusoidal_table(steps: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def relative_position_table(seq_len: int, dim: int, device: torch.device) -> torch.Tensor:
-    """``RelativePositionalEncoding(...)(seqs)``: rows for relative positions S-1 .. 0 .. -(S-1), sin/cos interleaved."""
+    """``RelativePositionalEncoding(seqs)``: rows for relative positions S-1 .. 0 .. -(S-1), sin/cos interleaved."""
     freqs = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * -math.log(10000.0) / dim)
     positive = torch.outer(torch.arange(seq_len - 1, -1, -1, device=device, dtype=torch.float32), freqs)
     negative = torch.outer(torch.arange(1, seq_len, device=device, dtype=torch.float32), freqs)

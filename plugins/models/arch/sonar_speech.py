@@ -128,7 +128,8 @@ class SonarSpeechEncoder(nn.Module):
         valid = None
         if attention_mask is not None and not bool(attention_mask.all()):
             lengths = attention_mask.sum(-1).clamp(max=seqs.shape[1] * self.config.fbank_stride)
-            valid = torch.arange(seqs.shape[1], device=seqs.device)[None, :] < (lengths // self.config.fbank_stride)[:, None]
+            frames = lengths // self.config.fbank_stride
+            valid = torch.arange(seqs.shape[1], device=seqs.device)[None, :] < frames[:, None]
         hidden = [seqs]
         for layer in self.encoder.layers:
             seqs = layer(seqs, valid)
@@ -181,7 +182,10 @@ def infer_config(state: dict[str, torch.Tensor]) -> SonarSpeechConfig:
     if any(key not in state for key in needed):
         raise UserError(f"The checkpoint does not match a SONAR speech encoder (it has no {needed[0]}).")
     dim = state["encoder_frontend.model_dim_proj.weight"].shape[0]
-    count = lambda prefix: len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})
+
+    def count(prefix: str) -> int:
+        return len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})
+
     return SonarSpeechConfig(
         model_dim=dim, num_encoder_layers=count("encoder.layers."), num_encoder_attn_heads=dim // 64,
         ffn_inner_dim=state["encoder.layers.0.ffn1.inner_proj.weight"].shape[0],

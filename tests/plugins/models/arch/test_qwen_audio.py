@@ -106,7 +106,8 @@ PREFIX = [84, 257, 271, 112, 283, 259, 39, 115, 289, 277]                # T he 
 
 
 def expected_context(content: list[int], history: list[int] = ()) -> list[int]:
-    """``make_context``: system turn, history, ``\\n<|im_start|>user\\n{query}<|im_end|>\\n<|im_start|>assistant\\n``."""
+    """``make_context``: system turn, history, then ``\\n<|im_start|>user\\n{query}<|im_end|>\\n``
+    ``<|im_start|>assistant\\n``."""
     return ([IM_START] + SYSTEM + NL + HELPFUL + [IM_END] + list(history) + NL + [IM_START] + USER + NL + content
             + [IM_END] + NL + [IM_START] + ASSISTANT + NL)
 
@@ -213,8 +214,8 @@ def test_text_only_logits_equal_transformers_qwen2_with_the_same_weights(tiny):
         num_key_value_heads=cfg.num_attention_heads, rms_norm_eps=cfg.layer_norm_epsilon,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=False)).eval()
     src = model.state_dict()
-    sd = {"model.embed_tokens.weight": src["transformer.wte.weight"], "model.norm.weight": src["transformer.ln_f.weight"],
-          "lm_head.weight": src["lm_head.weight"]}
+    sd = {"model.embed_tokens.weight": src["transformer.wte.weight"], "lm_head.weight": src["lm_head.weight"],
+          "model.norm.weight": src["transformer.ln_f.weight"]}
     for i in range(cfg.num_hidden_layers):
         h, m = f"transformer.h.{i}.", f"model.layers.{i}."
         for name, w, b in zip(("q_proj", "k_proj", "v_proj"), src[h + "attn.c_attn.weight"].chunk(3),
@@ -305,7 +306,8 @@ def test_padded_batch_gives_each_item_what_it_gives_alone(tiny):
             alone = processor([queries[b]], [audios[b]])
             ref = model(**alone.inputs).logits[0]
             torch.testing.assert_close(logits[b, row.offset:], ref, atol=2e-5, rtol=1e-4)
-            assert gen[b].tolist() == model.generate(**alone.inputs, max_new_tokens=4, min_new_tokens=4)[0, -4:].tolist()
+            single = model.generate(**alone.inputs, max_new_tokens=4, min_new_tokens=4)
+            assert gen[b].tolist() == single[0, -4:].tolist()
 
 
 def test_save_and_load_round_trip_is_bit_identical(tiny, tmp_path):

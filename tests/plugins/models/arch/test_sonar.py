@@ -209,7 +209,10 @@ def kaldi_fbank_frame(wave: np.ndarray, frame: int) -> np.ndarray:
     x = np.concatenate([[x[0] - 0.97 * x[0]], x[1:] - 0.97 * x[:-1]])
     x = x * (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(400) / 399)) ** 0.85
     power = np.abs(np.fft.rfft(x, 512)) ** 2
-    mel = lambda f: 1127.0 * np.log(1.0 + f / 700.0)
+
+    def mel(f):
+        return 1127.0 * np.log(1.0 + f / 700.0)
+
     edges = np.linspace(mel(20.0), mel(8000.0), 82)
     freqs = mel(np.arange(257) * 16000 / 512)
     banks = np.zeros((80, 257))
@@ -298,7 +301,8 @@ def test_speech_pooling_is_the_released_one_query_attention_decoder(speech):
                 q = ca.q_proj(x).view(heads, -1)
                 k, v = ca.k_proj(enc).view(-1, heads, dim // heads), ca.v_proj(enc).view(-1, heads, dim // heads)
                 w = torch.softmax(torch.einsum("hd,shd->hs", q, k) / math.sqrt(dim // heads), dim=-1)
-                x = layer.encoder_decoder_attn_layer_norm(x + ca.output_proj(torch.einsum("hs,shd->hd", w, v).reshape(-1)))
+                mixed = torch.einsum("hs,shd->hd", w, v).reshape(-1)
+                x = layer.encoder_decoder_attn_layer_norm(x + ca.output_proj(mixed))
                 x = layer.ffn_layer_norm(x + layer.ffn.output_proj(F.relu(layer.ffn.inner_proj(x))))
             torch.testing.assert_close(out.sentence_embedding[b], pooler.projection_out(x), atol=1e-5, rtol=1e-4)
 
