@@ -55,9 +55,9 @@ LM_LAYERS = "model.language_model.layers"
 
 def _encoder_layer() -> dict[str, Component]:
     comps = conformer_layer(ffn1="ff1", ffn1_norm="ff1.pre_norm", ffn2="ff2", ffn2_norm="ff2.pre_norm", up="up_proj",
-                            down="down_proj", attn="attn", attn_norm="attn.pre_norm", q="to_q", k="to_kv", v="to_kv", o="to_out",
-                            conv="conv", conv_norm="norm", pw1="up_conv", dw="depth_conv.conv", pw2="down_conv",
-                            final_norm="post_norm")
+                            down="down_proj", attn="attn", attn_norm="attn.pre_norm", q="to_q", k="to_kv", v="to_kv",
+                            o="to_out", conv="conv", conv_norm="norm", pw1="up_conv", dw="depth_conv.conv",
+                            pw2="down_conv", final_norm="post_norm")
     del comps["attn_k"], comps["attn_v"]  # one fused projection: keys then values
     comps["attn_kv"] = Component("attn.to_kv")
     comps["conv_dw_norm"] = Component("conv.batch_norm", layout="channels_first")
@@ -121,7 +121,8 @@ class GraniteSpeech(AudioLM):
     def setup(self) -> None:
         super().setup()
         _mask_encoder_padding(self.model)
-        adapted = [n for n, m in get_module(self.model, LM_LAYERS)[0].named_modules() if m in set(lora_layers(self.model))]
+        loras = set(lora_layers(self.model))
+        adapted = [n for n, m in get_module(self.model, LM_LAYERS)[0].named_modules() if m in loras]
         if adapted:
             comps = {}
             for path in adapted:

@@ -74,7 +74,7 @@ def apply_adapter(layers: torch.nn.ModuleList, config: dict[str, Any], weights: 
     scaling = alpha / (rank ** 0.5 if config.get("use_rslora") else rank)
     state: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, value in weights.items():
-        head, _, tail = key.partition("layers.")
+        tail = key.partition("layers.")[2]
         index, _, rest = tail.partition(".")
         if not tail or not index.isdigit() or ".lora_" not in rest:
             continue

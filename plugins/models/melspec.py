@@ -17,7 +17,7 @@ import torch
 
 
 class MelSpectrogram(torch.nn.Module):
-    """``torchaudio.transforms.MelSpectrogram`` with its default options: ``(..., samples) -> (..., n_mels, frames)``."""
+    """``torchaudio.transforms.MelSpectrogram`` with its defaults: ``(..., samples) -> (..., n_mels, frames)``."""
 
     def __init__(self, sample_rate: int = 16000, n_fft: int = 400, win_length: int | None = None,
                  hop_length: int | None = None, f_min: float = 0.0, f_max: float | None = None, n_mels: int = 128,

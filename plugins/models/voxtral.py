@@ -126,7 +126,8 @@ class Voxtral(AudioLM):
         chunks = [max(1, -(-n // self.chunk_samples)) for n in self._clips]
         first = sum(chunks[:clip])
         per_chunk = self.chunk_frames // FRAMES_PER_TOKEN
-        frames = min(self.chunk_frames, conv_length(-(-self._clips[clip] // self.processor.feature_extractor.hop_length)))
+        mel_frames = -(-self._clips[clip] // self.processor.feature_extractor.hop_length)
+        frames = min(self.chunk_frames, conv_length(mel_frames))  # the stride-2 convolution halves them
         return {"audio_encoder": Positions(0, frames, row=first),
                 "audio_tokens": Positions(first * per_chunk, chunks[clip] * per_chunk, row=0)}
 

@@ -16,12 +16,11 @@ from lalm_probe.core.edits import Edit
 from lalm_probe.core.engine import Session
 from lalm_probe.core.errors import UserError
 from lalm_probe.core.model import Prompt
+from lalm_probe.plugins.models.voxtral import Voxtral
 
 from helpers import SR, tone
 
 pytest.importorskip("mistral_common")
-
-from lalm_probe.plugins.models.voxtral import Voxtral  # noqa: E402
 
 AUDIO_ID = 24  # [AUDIO], as VoxtralProcessor hard-codes it
 
@@ -31,10 +30,10 @@ def session(probe_cache):
     return Session(Voxtral.load("tiny"))
 
 
-def processor_ids(plugin, conversation):
-    """The processor's own chat template output for a conversation (audio given as a file path)."""
+def processor_ids(plugin, conversation, **kwargs):
+    """The processor's own chat template output for a conversation, with the tiny instance's 2 s chunks."""
     chunks = {"pad_to_multiple_of": plugin.chunk_samples, "max_source_positions": 2 * plugin.chunk_frames}
-    return plugin.processor.apply_chat_template(conversation, processor_kwargs={"audio_kwargs": chunks})
+    return plugin.processor.apply_chat_template(conversation, processor_kwargs={"audio_kwargs": chunks}, **kwargs)
 
 
 def test_the_processor_keeps_mistral_commons_tokenizer_after_loading(session):
@@ -52,9 +51,7 @@ def test_the_prompt_is_the_processors_chat_template_and_the_audio_span_its_audio
                                           {"type": "text", "text": "What do you hear?"}]}]
     if prefix:
         conv.append({"role": "assistant", "content": [{"type": "text", "text": prefix}]})
-    want = processor_ids(session.plugin, conv) if not prefix else session.plugin.processor.apply_chat_template(
-        conv, continue_final_message=True, processor_kwargs={"audio_kwargs": {
-            "pad_to_multiple_of": session.plugin.chunk_samples, "max_source_positions": 2 * session.plugin.chunk_frames}})
+    want = processor_ids(session.plugin, conv, continue_final_message=bool(prefix))
     got = session.prepare([item], lambda it: Prompt(it.prompt, prefix))
     assert got.inputs["input_ids"].tolist() == want["input_ids"].tolist()
     # transformers re-encodes a path's audio at 16 bits before mistral-common reads it; the plugin hands the clip
@@ -63,9 +60,7 @@ def test_the_prompt_is_the_processors_chat_template_and_the_audio_span_its_audio
     buf = io.BytesIO()
     sf.write(buf, tone(330, seconds), SR, format="WAV", subtype="FLOAT")
     conv[0]["content"][0] = {"type": "audio", "base64": base64.b64encode(buf.getvalue()).decode()}
-    exact = session.plugin.processor.apply_chat_template(conv, continue_final_message=bool(prefix), processor_kwargs={
-        "audio_kwargs": {"pad_to_multiple_of": session.plugin.chunk_samples,
-                         "max_source_positions": 2 * session.plugin.chunk_frames}})
+    exact = processor_ids(session.plugin, conv, continue_final_message=bool(prefix))
     torch.testing.assert_close(got.inputs["input_features"], exact["input_features"])
     ids = want["input_ids"][0].tolist()
     start, end = got.rows[0]["lm"].spans["audio"]
