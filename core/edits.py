@@ -66,12 +66,15 @@ def edit_function(edit: Edit, rows: Sequence[Positions], ids: Sequence[str], sou
     chosen = None if edit.items is None else set(edit.items)
     targets = _targets(selector, rows, ids, chosen)
     repeats = follows_generation(selector)
+    # Each item's row on the output's batch axis: its own, unless the stack batches otherwise (audio clips, chunks).
+    index = [b if p.row is None else p.row for b, p in enumerate(rows)]
 
-    def where(out: torch.Tensor, state: dict) -> list[tuple[int, int]]:
+    def where(out: torch.Tensor, state: dict) -> list[tuple[int, int, int]]:
+        """Per item: (row on the output's batch axis, start, end)."""
         if state.get("step", 1) <= 1:
-            return targets
-        new = new_position(out.shape[1]) if repeats else (0, 0)
-        return [new if chosen is None or rid in chosen else (0, 0) for rid in ids]
+            return [(r, s, e) for r, (s, e) in zip(index, targets)]
+        s, e = new_position(out.shape[1]) if repeats else (0, 0)
+        return [(b, s, e) if chosen is None or rid in chosen else (b, 0, 0) for b, rid in enumerate(ids)]
 
     if edit.op == "add":
         vector = None if edit.value is None else torch.as_tensor(edit.value)
@@ -79,13 +82,14 @@ def edit_function(edit: Edit, rows: Sequence[Positions], ids: Sequence[str], sou
             raise UserError(f"Edit at '{edit.site}': 'add' needs a value or a source.")
 
         def add(out: torch.Tensor, state: dict) -> torch.Tensor:
-            delta = state[source_key] if edit.source else vector.to(out.device, out.dtype).expand(out.shape[0], -1)
+            spots = where(out, state)
+            delta = state[source_key] if edit.source else vector.to(out.device, out.dtype).expand(len(spots), -1)
             if delta.shape[-1] != out.shape[-1]:
                 raise UserError(f"Edit at '{edit.site}': a vector of width {delta.shape[-1]} cannot be added to "
                                 f"{out.shape[-1]} units.")
             new = out.clone()
-            for b, (s, e) in enumerate(where(out, state)):
-                new[b, s:e] += edit.scale * delta[b].to(out.dtype)
+            for b, (r, s, e) in enumerate(spots):
+                new[r, s:e] += edit.scale * delta[b].to(out.dtype)
             return new
 
         return "edit", add
@@ -104,8 +108,8 @@ def edit_function(edit: Edit, rows: Sequence[Positions], ids: Sequence[str], sou
                 raise UserError(f"Edit at '{edit.site}': unit {int(u.max())} is out of range ({out.shape[-1]} units).")
             new = out.clone()
             v = values.to(out.device, out.dtype).expand(len(u))
-            for b, (s, e) in enumerate(where(out, state)):
-                new[b, s:e, u] = v
+            for r, s, e in where(out, state):
+                new[r, s:e, u] = v
             return new
 
         return "edit", set_units
@@ -120,7 +124,7 @@ def edit_function(edit: Edit, rows: Sequence[Positions], ids: Sequence[str], sou
             k_len = mask.shape[-1] if mask is not None else q_len
             kwargs = dict(kwargs)
             kwargs["attention_mask"] = _blocked_mask(mask, batch, q_len, k_len, hidden.device,
-                                                     where(hidden, state), keys)
+                                                     [(s, e) for _, s, e in where(hidden, state)], keys)
             return args, kwargs
 
         return "edit_call", block

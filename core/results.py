@@ -116,7 +116,7 @@ def render(result: Result, console: Any, title: str) -> None:
     if result.summary:
         t = RichTable(title=title, show_header=False)
         for k, v in result.summary.items():
-            t.add_row(str(k), _fmt(v))
+            t.add_row(escape(str(k)), escape(_fmt(v)))
         console.print(t)
     for table in result.tables:
         if not table.show or not table.rows:
@@ -124,9 +124,9 @@ def render(result: Result, console: Any, title: str) -> None:
         t = RichTable(title=table.title)
         cols = list(table.rows[0])
         for c in cols:
-            t.add_column(str(c))
+            t.add_column(escape(str(c)))
         for row in table.rows[:40]:
-            t.add_row(*(_fmt(row.get(c)) for c in cols))
+            t.add_row(*(escape(_fmt(row.get(c))) for c in cols))  # cells may hold tokens such as [/INST]
         if len(table.rows) > 40:
             t.caption = f"{len(table.rows) - 40} more rows in results.json"
         console.print(t)

@@ -18,6 +18,10 @@ TAP = "probe_tap"
 # layout -> (to the site view, back from it): to_view(output) and from_view(original output, edited view)
 LAYOUTS: dict[str, tuple[Callable[[Any], torch.Tensor], Callable[[Any, torch.Tensor], Any]]] = {
     "channels_first": (lambda out: out.transpose(1, 2), lambda _out, view: view.transpose(1, 2)),
+    # Every leading axis joined into one time axis of one row: ``(n, units)`` or ``(windows, time, units)`` becomes
+    # ``(1, positions, units)``. For outputs whose batch axis is not the items' (Voxtral's projector takes the audio
+    # tokens of the whole batch as a 2-D list; a Q-Former runs one row per window); rows say where each item is.
+    "packed": (lambda out: out.reshape(1, -1, out.shape[-1]), lambda out, view: view.reshape(out.shape)),
 }
 
 
@@ -27,7 +31,9 @@ class Tap(torch.nn.Identity):
 
 def tap_path(path: str, layout: str) -> str:
     """The module path a site reads for a component at ``path`` with ``layout``."""
-    return path if layout == "time_major" else f"{path}.{TAP}"
+    if layout == "time_major":
+        return path
+    return f"{path}.{TAP}" if path else TAP  # "" is the layer itself
 
 
 def install_tap(module: torch.nn.Module, layout: str) -> None:

@@ -62,14 +62,18 @@ class Tracer:
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
-        self.envoy = NNsight(model)
+        with warnings.catch_warnings():  # submodules named like nnsight attributes are reached as E_<name> (_env)
+            warnings.filterwarnings("ignore", message=".*which nnsight already serves on every module.*")
+            self.envoy = NNsight(model)
         self._envoys: dict[str, Any] = {}
 
     def _env(self, path: str) -> Any:
         if path not in self._envoys:
             env = self.envoy
             for part in path.split("."):
-                env = env[int(part)] if part.isdigit() else getattr(env, part)
+                # A submodule named like an nnsight attribute (a BERT layer's `output`) is served as `E_<name>`.
+                alias = f"E_{part}"
+                env = env[int(part)] if part.isdigit() else getattr(env, alias if alias in vars(env) else part)
             self._envoys[path] = env
         return self._envoys[path]
 
