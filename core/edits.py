@@ -59,10 +59,16 @@ def edit_function(edit: Edit, rows: Sequence[Positions], ids: Sequence[str], sou
     targets = _targets(selector, rows, ids)
     repeats = follows_generation(selector)
 
-    def where(out: torch.Tensor, state: dict) -> list[tuple[int, int]]:
+    # A row's index on the site's batch axis: its own, or the one its positions name (an audio clip's row, or
+    # row 0 of a packed encoder where every clip is a span of one sequence).
+    batch_rows = [b if p.row is None else p.row for b, p in enumerate(rows)]
+
+    def where(out: torch.Tensor, state: dict) -> list[tuple[int, int, int]]:
+        """``(index on the batch axis, start, end)`` per row."""
         if state.get("step", 1) <= 1:
-            return targets
-        return [new_position(out.shape[1]) if repeats else (0, 0)] * out.shape[0]
+            return [(r, s, e) for r, (s, e) in zip(batch_rows, targets)]
+        span = new_position(out.shape[1]) if repeats else (0, 0)
+        return [(b, *span) for b in range(out.shape[0])]
 
     if edit.op == "add":
         vector = None if edit.value is None else torch.as_tensor(edit.value)
@@ -75,8 +81,8 @@ def edit_function(edit: Edit, rows: Sequence[Positions], ids: Sequence[str], sou
                 raise UserError(f"Edit at '{edit.site}': a vector of width {delta.shape[-1]} cannot be added to "
                                 f"{out.shape[-1]} units.")
             new = out.clone()
-            for b, (s, e) in enumerate(where(out, state)):
-                new[b, s:e] += edit.scale * delta[b].to(out.dtype)
+            for b, (r, s, e) in enumerate(where(out, state)):
+                new[r, s:e] += edit.scale * delta[b].to(out.dtype)
             return new
 
         return "edit", add
@@ -95,8 +101,8 @@ def edit_function(edit: Edit, rows: Sequence[Positions], ids: Sequence[str], sou
                 raise UserError(f"Edit at '{edit.site}': unit {int(u.max())} is out of range ({out.shape[-1]} units).")
             new = out.clone()
             v = values.to(out.device, out.dtype).expand(len(u))
-            for b, (s, e) in enumerate(where(out, state)):
-                new[b, s:e, u] = v
+            for r, s, e in where(out, state):
+                new[r, s:e, u] = v
             return new
 
         return "edit", set_units
@@ -110,8 +116,8 @@ def edit_function(edit: Edit, rows: Sequence[Positions], ids: Sequence[str], sou
             batch, q_len = hidden.shape[:2]
             k_len = mask.shape[-1] if mask is not None else q_len
             kwargs = dict(kwargs)
-            kwargs["attention_mask"] = _blocked_mask(mask, batch, q_len, k_len, hidden.device,
-                                                     where(hidden, state), keys)
+            queries = [(s, e) for _, s, e in where(hidden, state)]
+            kwargs["attention_mask"] = _blocked_mask(mask, batch, q_len, k_len, hidden.device, queries, keys)
             return args, kwargs
 
         return "edit_call", block
