@@ -76,7 +76,7 @@ def edit_function(edit: Edit, rows: Sequence[Positions], ids: Sequence[str], sou
             raise UserError(f"Edit at '{edit.site}': 'add' needs a value or a source.")
 
         def add(out: torch.Tensor, state: dict) -> torch.Tensor:
-            delta = state[source_key] if edit.source else vector.to(out.device, out.dtype).expand(out.shape[0], -1)
+            delta = state[source_key] if edit.source else vector.to(out.device, out.dtype).expand(len(rows), -1)
             if delta.shape[-1] != out.shape[-1]:
                 raise UserError(f"Edit at '{edit.site}': a vector of width {delta.shape[-1]} cannot be added to "
                                 f"{out.shape[-1]} units.")
