@@ -30,7 +30,8 @@ def clips():
 
 
 def conversation(item: Stimulus) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "text", "text": item.prompt}, {"type": "audio", "audio": item.audio}]}]
+    content = [{"type": "text", "text": item.prompt}, {"type": "audio", "audio": item.audio}]
+    return [{"role": "user", "content": content}]
 
 
 def test_the_prompt_is_the_processors_chat_template_output_and_the_audio_span_its_sound_tokens(session):

@@ -64,7 +64,8 @@ def clips():
 
 
 def conversation(item: Stimulus) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "audio", "audio": item.audio}, {"type": "text", "text": item.prompt}]}]
+    content = [{"type": "audio", "audio": item.audio}, {"type": "text", "text": item.prompt}]
+    return [{"role": "user", "content": content}]
 
 
 def audio_span(prepared, b: int) -> list[int]:
