@@ -5,8 +5,9 @@ Sources: a hub id (default ``Qwen/Qwen2.5-Omni-7B``; ``Qwen/Qwen2.5-Omni-3B``), 
 
 What differs from Qwen2-Audio, and how it is exposed:
 
-- The audio tower packs every clip of a batch into one sequence with no batch axis, ``(sum of frames, units)``,
-  attending within 2 s chunks. Its layers are read through the ``packed`` layout as one row, and each clip is the
+- The audio tower packs every clip of a batch into one sequence with no batch axis: each layer returns
+  ``((sum of frames, units),)`` and its modules ``(sum of frames, units)``; attention stays within 2 s chunks of a
+  clip. Its layers are read through the ``packed`` layout as one row, and each clip is the
   span ``Positions(offset=<its start in the packed sequence>, length=<its frames>, row=0)``, so
   ``audio_encoder.*.out@mean`` is each clip's own mean (a clip of L mel frames has ``(L-1)//2+1`` of them).
 - After the layers the tower averages pairs of frames, norms (``ln_post``) and projects into the LM (``proj``):
