@@ -169,6 +169,10 @@ def resolve_stacks(model: torch.nn.Module, stacks: Sequence[Stack], plugin: str)
         paths: dict[str, str] = {}  # what sites read (a tap for channel-first outputs)
         real: dict[str, str] = {}  # the module itself, whose type tells its width
         for comp, spec in st.components.items():
+            if spec.io == "input" and spec.layout != "time_major":
+                problems.append(f"{where}.{comp}: a tap reads a module's output, so an input-side component cannot "
+                                f"have layout '{spec.layout}'; read the output of the module before it instead")
+                continue
             found = [find_path(layer, spec.candidates) for layer in layers]
             bad = [i for i, p in enumerate(found) if p is None]
             if bad:

@@ -5,6 +5,14 @@ identity child module, ``<module>.probe_tap``, that the module's output passes t
 hook converts the output to that view, calls the tap, and converts the tap's result back. The site then addresses
 the tap like any module, and reads or edits of it act on the real activation. Parameters and state dicts are
 unchanged (an identity has none). This is the extension point for new layouts: add an entry to :data:`LAYOUTS`.
+
+``packed``: encoders that pack every clip of a batch into one sequence with no batch axis (the Qwen2.5-Omni and
+Qwen3-Omni audio towers give ``(sum of clip lengths, units)``), or that split clips into fixed windows on the batch
+axis (Audio Flamingo 3's 30 s windows, ``(windows, time, units)``), are read as one row ``(1, all positions, units)``.
+A plugin then reports each clip as ``Positions(offset=<its start in that row>, length=<its valid positions>, row=0)``,
+so ``mean``/``last``/spans are per clip whatever the packing (Voxtral's projector input and a Q-Former's windows
+too: their batch axis is not the items'). Tuple outputs (encoder layers that return ``(hidden,)``) are viewed
+through their first element.
 """
 
 from __future__ import annotations
@@ -15,13 +23,22 @@ import torch
 
 TAP = "probe_tap"
 
+
+def _packed_view(out: Any) -> torch.Tensor:
+    first = out[0] if isinstance(out, tuple) else out
+    return first.reshape(1, -1, first.shape[-1])
+
+
+def _packed_back(out: Any, view: torch.Tensor) -> Any:
+    first = out[0] if isinstance(out, tuple) else out
+    new = view.reshape(first.shape)
+    return (new, *out[1:]) if isinstance(out, tuple) else new
+
+
 # layout -> (to the site view, back from it): to_view(output) and from_view(original output, edited view)
 LAYOUTS: dict[str, tuple[Callable[[Any], torch.Tensor], Callable[[Any, torch.Tensor], Any]]] = {
     "channels_first": (lambda out: out.transpose(1, 2), lambda _out, view: view.transpose(1, 2)),
-    # Every leading axis joined into one time axis of one row: ``(n, units)`` or ``(windows, time, units)`` becomes
-    # ``(1, positions, units)``. For outputs whose batch axis is not the items' (Voxtral's projector takes the audio
-    # tokens of the whole batch as a 2-D list; a Q-Former runs one row per window); rows say where each item is.
-    "packed": (lambda out: out.reshape(1, -1, out.shape[-1]), lambda out, view: view.reshape(out.shape)),
+    "packed": (_packed_view, _packed_back),
 }
 
 
@@ -30,10 +47,10 @@ class Tap(torch.nn.Identity):
 
 
 def tap_path(path: str, layout: str) -> str:
-    """The module path a site reads for a component at ``path`` with ``layout``."""
+    """The module path a site reads for a component at ``path`` with ``layout`` (``""`` is the layer itself)."""
     if layout == "time_major":
         return path
-    return f"{path}.{TAP}" if path else TAP  # "" is the layer itself
+    return f"{path}.{TAP}" if path else TAP
 
 
 def install_tap(module: torch.nn.Module, layout: str) -> None:

@@ -8,6 +8,8 @@ the width of its first norm, an attention module that of its output projection).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from .vocab import Component
 
 
@@ -52,16 +54,24 @@ def decoder_layer(*, attn: str = "self_attn", mlp: str = "mlp", attn_norm: str =
 def bart_layer(*, cross: str | None = None, attn: str = "self_attn", attn_norm: str = "self_attn_layer_norm",
                q: str = "q_proj", k: str = "k_proj", v: str = "v_proj", o: str = "out_proj",
                cross_norm: str = "encoder_attn_layer_norm", mlp_norm: str = "final_layer_norm", fc1: str = "fc1",
-               fc2: str = "fc2", mlp: str | None = None) -> dict[str, Component]:
+               fc2: str = "fc2", mlp: str | None = None, layout: str = "time_major",
+               act: str = "activation_fn") -> dict[str, Component]:
     """A Whisper / BART / NLLB-style pre-norm encoder layer, or decoder layer when ``cross`` names its
     cross-attention module. Cross-attention keys and values run on the source time axis, so they are not here:
-    declare them as their own stack with :func:`cross_kv_layer`."""
+    declare them as their own stack with :func:`cross_kv_layer`.
+
+    ``layout``: how every module of the layer lays out its output (``packed`` for the Qwen-Omni audio towers, see
+    :mod:`~lalm_probe.core.taps`). A tap reads outputs, so ``mlp_act`` is then the output of the activation module
+    ``act`` (equal to the input of ``fc2``: no dropout at inference) instead of ``fc2``'s input."""
     comps = {"out": Component("", width="attn_norm"), "attn_norm": Component(attn_norm),
              **_attention("attn", attn, q, k, v, o)}
     if cross:
         comps["cross_norm"] = Component(cross_norm)
         comps.update(_attention("cross", cross, q, k, v, o, kv=False))
     comps.update(_feed_forward("mlp", mlp_norm, fc1, fc2, mlp))
+    if layout != "time_major":
+        comps = {name: replace(c, layout=layout) for name, c in comps.items()}
+        comps["mlp_act"] = Component(act, layout=layout, width="mlp_up")
     return comps
 
 

@@ -66,6 +66,8 @@ VOCABULARY: dict[str, str] = {
     "mlp_down": "MLP output projection output (fc2, down_proj)",
     "mlp": "MLP module output (before the residual add)",
     "mlp_post_norm": "norm after the MLP (post-norm layers, Gemma)",
+    # mixture-of-experts MLPs (the block's output is ``mlp``)
+    "moe_router": "MoE router logits, one unit per expert (which experts a token takes: their top-k)",
     # Conformer layers (the second feed-forward module is mlp_*)
     "ffn1_norm": "Conformer: norm before the first (half-step) feed-forward module",
     "ffn1_up": "Conformer: first feed-forward input projection output",
