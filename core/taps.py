@@ -5,6 +5,13 @@ identity child module, ``<module>.probe_tap``, that the module's output passes t
 hook converts the output to that view, calls the tap, and converts the tap's result back. The site then addresses
 the tap like any module, and reads or edits of it act on the real activation. Parameters and state dicts are
 unchanged (an identity has none). This is the extension point for new layouts: add an entry to :data:`LAYOUTS`.
+
+Layouts:
+
+- ``channels_first``: ``(batch, channels, time)`` (a Conformer's ``nn.Conv1d``), read and edited transposed.
+- ``altup``: ``(streams, batch, time, units)``, the stacked residual streams of an AltUp layer (Gemma 3n's decoder
+  layers, whose ``altup_active_idx`` is 0). Stream 0 is the one the layer computes (attention and MLP run on it)
+  and the one the site reads and edits; the other streams pass through unchanged.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ TAP = "probe_tap"
 # layout -> (to the site view, back from it): to_view(output) and from_view(original output, edited view)
 LAYOUTS: dict[str, tuple[Callable[[Any], torch.Tensor], Callable[[Any, torch.Tensor], Any]]] = {
     "channels_first": (lambda out: out.transpose(1, 2), lambda _out, view: view.transpose(1, 2)),
+    "altup": (lambda out: out[0], lambda out, view: torch.cat([view.unsqueeze(0), out[1:]])),
 }
 
 
@@ -26,8 +34,13 @@ class Tap(torch.nn.Identity):
 
 
 def tap_path(path: str, layout: str) -> str:
-    """The module path a site reads for a component at ``path`` with ``layout``."""
-    return path if layout == "time_major" else f"{path}.{TAP}"
+    """The module path a site reads for a component at ``path`` with ``layout`` (``""`` is the layer itself)."""
+    return path if layout == "time_major" else ".".join(filter(None, (path, TAP)))
+
+
+def to_view(value: Any, layout: str) -> torch.Tensor:
+    """A module output (or a model's recorded hidden state in that layout) as sites see it."""
+    return value if layout == "time_major" else LAYOUTS[layout][0](value)
 
 
 def install_tap(module: torch.nn.Module, layout: str) -> None:
