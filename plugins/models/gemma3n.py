@@ -7,7 +7,8 @@ built (:func:`~lalm_probe.plugins.models.tiny_gemma3n.without_vision`): this plu
 Prompt: ``<bos><start_of_turn>user\\n`` + the clip as ``\\n\\n<start_of_audio>`` + 188 ``<audio_soft_token>`` +
 ``<end_of_audio>\\n\\n`` + the instruction + ``<end_of_turn>\\n<start_of_turn>model\\n``.
 
-Audio positions. The processor always inserts 188 soft tokens (30 s at 160 ms each), whatever the clip's length:
+Audio positions. The processor always inserts 188 soft tokens (30 s at 160 ms each), whatever the clip's length
+(and cuts a longer clip to 30 s):
 
 - ``audio_encoder`` (``model.audio_tower.conformer``): one position per 40 ms of the clip (the subsampled mel frames,
   ``ceil(frames / 4)``); padded frames are left out. Extra ``features``: the subsampled input, what block 0 reads.

@@ -11,7 +11,7 @@ images (this plugin takes speech and text; the real one needs torchvision). Prom
 Stacks (``probe info --model phi4-multimodal --checkpoint tiny`` lists sites and widths):
 
 - ``audio_encoder`` (``…audio_embed.encoder.encoders``, Conformer blocks; positions = encoder frames, 80 ms each,
-  one per ``<|audio|>`` token; a clip longer than 40 s is folded into 500-frame chunks by the model and is refused):
+  one per ``<|audio|>`` token; a clip longer than 40 s, which the model folds into 500-frame chunks, is refused):
   ``ffn1_*`` (``feed_forward_in``; ``ffn1_up`` is its fused ``[up | gate]`` projection), ``attn_*``, ``conv_*``
   (``conv_pw1`` the GLU's pointwise conv, 2x channels; ``conv_glu``; ``conv_dw`` the causal depthwise conv;
   ``conv_dw_pw`` the depthwise-separable pointwise conv right after it, model-specific; ``conv_pw2``; the
@@ -39,6 +39,7 @@ zero padding does for a clip alone, so a clip's activations do not depend on its
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -57,6 +58,7 @@ from lalm_probe.core.vocab import Component
 from lalm_probe.plugins.models.tiny_phi4_multimodal import build_tiny
 
 ENCODER = "model.embed_tokens_extend.audio_embed"
+MAX_FRAMES = 500  # encoder frames (40 s) past which the encoder folds a clip into chunks
 CONFORMER = {
     **{k: v for k, v in conformer_layer(
         ffn1="feed_forward_in", ffn1_norm="feed_forward_in.layer_norm", ffn2="feed_forward_out",
@@ -190,15 +192,13 @@ class Phi4Multimodal(AudioLM):
         self.model.register_forward_pre_hook(self._speech_mode, with_kwargs=True)
         lengths: dict[str, torch.Tensor] = {}
         encoder = self.model.get_submodule(f"{ENCODER}.encoder")
-        encoder.register_forward_pre_hook(lambda _m, args: lengths.update(self._frames(args)))
+        encoder.register_forward_pre_hook(lambda _m, args: lengths.update(frames=self._frames(*args)))
         clip_padding(encoder, lengths)
 
     @staticmethod
-    def _frames(args: tuple) -> dict[str, torch.Tensor]:
-        features, mask = args[0], args[1] if len(args) > 1 else None
-        if features.shape[1] > 500 * 8:
-            raise UserError("Phi-4-multimodal folds clips longer than 40 s into chunks; use shorter clips.")
-        return {"frames": mask.sum(1) if mask is not None else torch.full(features.shape[:1], features.shape[1])}
+    def _frames(features: torch.Tensor, mask: torch.Tensor | None = None, *_: Any) -> torch.Tensor:
+        """Valid feature frames per clip (a lone clip comes without a mask)."""
+        return mask.sum(1) if mask is not None else torch.full(features.shape[:1], features.shape[1])
 
     def lora_on(self, speech: bool) -> bool:
         return bool(self.adapted) and {"on": True, "off": False}.get(self.options["lora"], speech)
@@ -219,9 +219,13 @@ class Phi4Multimodal(AudioLM):
     def prepare(self, items: Sequence[Stimulus], audio: Sequence[np.ndarray | None],
                 prompts: Sequence[Prompt]) -> Prepared:
         prepared = super().prepare(items, audio, prompts)
+        sizes = iter(prepared.inputs.get("audio_embed_sizes", []))
         for it, row in zip(items, prepared.rows):
+            if it.has_audio and int(next(sizes)) > MAX_FRAMES:
+                raise UserError(f"Item '{it.id}' is longer than 40 s, which Phi-4-multimodal's encoder folds into "
+                                "chunks that share no attention; cut it into shorter clips.")
             if self.lora_on(it.has_audio):
-                row["speech_lora"] = row["lm"]
+                row["speech_lora"] = replace(row["lm"])
         return prepared
 
     def audio_positions(self, inputs: dict, clip: int) -> dict[str, Positions]:

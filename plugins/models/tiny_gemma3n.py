@@ -77,7 +77,9 @@ def tokenizer() -> Any:
 
 def build_tiny(out_dir: Path) -> None:
     """4 LM layers (64 wide; the last two share the first two's keys and values, the first is activation-sparse, as
-    in the release) with 4 AltUp streams, a 2-block 64-wide audio Conformer; seeded so every build is identical."""
+    in the release) with 4 AltUp streams, a 2-block 64-wide audio Conformer; seeded so every build is identical.
+    The sliding window is the release's 512: a narrower one would hide the clip, which fills the first of its 188
+    soft tokens, from the prompt's last position in the sliding layers."""
     from transformers import (Gemma3nAudioFeatureExtractor, Gemma3nConfig, Gemma3nForConditionalGeneration,
                               Gemma3nProcessor, SiglipImageProcessorPil)
 
@@ -88,7 +90,8 @@ def build_tiny(out_dir: Path) -> None:
         text_config=dict(vocab_size=text + 256, vocab_size_per_layer_input=text, hidden_size=64, intermediate_size=128,
                          num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                          hidden_size_per_layer_input=8, laurel_rank=8, altup_num_inputs=4, num_kv_shared_layers=2,
-                         sliding_window=32, max_position_embeddings=1024, activation_sparsity_pattern=[0.95, 0.0, 0.0, 0.0],
+                         sliding_window=512, max_position_embeddings=1024,
+                         activation_sparsity_pattern=[0.95, 0.0, 0.0, 0.0],
                          layer_types=["sliding_attention", "full_attention"] * 2,
                          pad_token_id=0, bos_token_id=2, eos_token_id=[1, ids("<end_of_turn>")]),
         audio_config=dict(hidden_size=64, input_feat_size=128, conf_num_attention_heads=4, conf_num_hidden_layers=2,
