@@ -27,10 +27,12 @@ Stacks: ``audio_encoder`` (Conformer: ``ffn1_*``, ``attn_*``, ``conv_*``, ``mlp_
 earlier layer's (KV sharing) and have no projections of their own.
 
 AltUp. Each decoder layer carries 4 residual streams ``(4, batch, time, hidden)``. Stream 0 (``altup_active_idx``)
-is the one the layer computes: attention and MLP read it and their result corrects all four. Streams 1-3 start as
-learned projections of the token embeddings and are each layer's predictions of the next update, mixed by the
-router and topped up by the per-layer inputs; they never go through attention or the MLP. ``lm.N.out`` reads and
-edits stream 0 (the ``altup`` tap layout). The model reads out the mean of stream 0 and the projected streams 1-3,
+is the one the layer computes: attention, LAuReL and MLP read it. Streams 1-3 start as learned projections of the
+token embeddings (``altup_projections``, rescaled to the embedding's magnitude); in each layer all four are first
+mixed with coefficients the router predicts from stream 0 (``predict``), then the update computed on stream 0 is
+spread to all four with learned weights (``correct``), and streams 1-3 also receive the per-layer input's
+contribution (``per_layer_input``). They never go through attention or the MLP themselves: they are extra memory
+the main stream writes to and reads from. ``lm.N.out`` reads and edits stream 0 (the ``altup`` tap layout). The model reads out the mean of stream 0 and the projected streams 1-3,
 so the logit lens on ``out`` (final norm, ``lm_head``, the 30.0 logit softcap) is the main stream's view, and at
 the last layer it is close to, not equal to, the model's logits (``lens_caveat``).
 
