@@ -54,9 +54,12 @@ class AudioLM(ModelPlugin):
         return self.processor.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
 
     def encode(self, texts: list[str], clips: list[np.ndarray]) -> dict[str, Any]:
-        """The processor call: tokens with expanded placeholders, features, masks."""
+        """The processor call: tokens with expanded placeholders, features, masks. A template that writes the BOS
+        token itself does not get a second one (as the processor's own ``apply_chat_template`` does)."""
+        bos = getattr(self.tokenizer, "bos_token", None)
+        special = {"add_special_tokens": False} if bos and all(t.startswith(bos) for t in texts) else {}
         return dict(self.processor(text=texts, **{self.audio_kwarg: clips or None}, sampling_rate=self.sample_rate,
-                                   return_tensors="pt", padding=True))
+                                   return_tensors="pt", padding=True, **special))
 
     def audio_positions(self, inputs: dict[str, Any], clip: int) -> dict[str, Positions]:
         """Where clip ``clip``'s valid frames sit on the audio encoder's time axis (``audio_encoder``; its row there

@@ -96,7 +96,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     stacks = plugin.describe()
     about = {"model": cls.name, "checkpoint": args.checkpoint or cls.default_checkpoint,
              "sample_rate": plugin.sample_rate, "input": list(cls.modalities), "lens_stack": cls.lens_stack,
-             "options": plugin.options, "checkpoints": list(cls.hub_ids), "stacks": stacks}
+             "options": plugin.options, "checkpoints": list(cls.hub_ids), "lens_caveat": cls.lens_caveat,
+             "stacks": stacks}
     if args.json:
         print(json.dumps(about, indent=1, default=str))
         return 0
@@ -110,6 +111,8 @@ def cmd_info(args: argparse.Namespace) -> int:
              f"logit lens stack: {cls.lens_stack or 'none'}"]
     if cls.option_defaults:
         lines.append("options: " + ", ".join(f"{k}={v}" for k, v in plugin.options.items()))
+    if cls.lens_caveat:
+        lines.append(f"logit lens: {cls.lens_caveat}")
     if cls.hub_ids:
         lines.append("checkpoints: " + ", ".join(cls.hub_ids))
     for line in lines:

@@ -78,6 +78,9 @@ class ModelPlugin:
     tiny: ClassVar[Callable[[Path], None] | None] = None  # writes a seeded tiny instance + processor to a folder
     stacks: ClassVar[tuple[Stack, ...]] = ()
     lens_stack: ClassVar[str | None] = None  # the stack whose outputs the logit lens projects
+    # Why the lens of a layer's ``out`` is not exactly the model's own readout, where it is not (Gemma 3n reads out
+    # four AltUp streams, ``out`` is one); ``probe check`` then tests the lens on what the final norm receives.
+    lens_caveat: ClassVar[str | None] = None
     padding_side: ClassVar[str] = "left"
     modalities: ClassVar[tuple[str, ...]] = ("speech", "text")  # what an item may be made of
     audio_token: ClassVar[str | None] = None  # the placeholder the processor expands per audio frame, if any

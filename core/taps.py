@@ -6,13 +6,19 @@ hook converts the output to that view, calls the tap, and converts the tap's res
 the tap like any module, and reads or edits of it act on the real activation. Parameters and state dicts are
 unchanged (an identity has none). This is the extension point for new layouts: add an entry to :data:`LAYOUTS`.
 
-``packed``: encoders that pack every clip of a batch into one sequence with no batch axis (the Qwen2.5-Omni and
-Qwen3-Omni audio towers give ``(sum of clip lengths, units)``), or that split clips into fixed windows on the batch
-axis (Audio Flamingo 3's 30 s windows, ``(windows, time, units)``), are read as one row ``(1, all positions, units)``.
-A plugin then reports each clip as ``Positions(offset=<its start in that row>, length=<its valid positions>, row=0)``,
-so ``mean``/``last``/spans are per clip whatever the packing (Voxtral's projector input and a Q-Former's windows
-too: their batch axis is not the items'). Tuple outputs (encoder layers that return ``(hidden,)``) are viewed
-through their first element.
+Layouts:
+
+- ``channels_first``: ``(batch, channels, time)`` (a Conformer's ``nn.Conv1d``), read and edited transposed.
+- ``packed``: encoders that pack every clip of a batch into one sequence with no batch axis (the Qwen2.5-Omni and
+  Qwen3-Omni audio towers give ``(sum of clip lengths, units)``), or that split clips into fixed windows on the
+  batch axis (Audio Flamingo 3's 30 s windows, ``(windows, time, units)``), are read as one row
+  ``(1, all positions, units)``. A plugin then reports each clip as ``Positions(offset=<its start in that row>,
+  length=<its valid positions>, row=0)``, so ``mean``/``last``/spans are per clip whatever the packing (Voxtral's
+  projector input and a Q-Former's windows too: their batch axis is not the items'). Tuple outputs (encoder layers
+  that return ``(hidden,)``) are viewed through their first element.
+- ``altup``: ``(streams, batch, time, units)``, the stacked residual streams of an AltUp layer (Gemma 3n's decoder
+  layers, whose ``altup_active_idx`` is 0). Stream 0 is the one the layer computes (attention and MLP run on it)
+  and the one the site reads and edits; the other streams pass through unchanged.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ def _packed_back(out: Any, view: torch.Tensor) -> Any:
 LAYOUTS: dict[str, tuple[Callable[[Any], torch.Tensor], Callable[[Any, torch.Tensor], Any]]] = {
     "channels_first": (lambda out: out.transpose(1, 2), lambda _out, view: view.transpose(1, 2)),
     "packed": (_packed_view, _packed_back),
+    "altup": (lambda out: out[0], lambda out, view: torch.cat([view.unsqueeze(0), out[1:]])),
 }
 
 
@@ -48,9 +55,12 @@ class Tap(torch.nn.Identity):
 
 def tap_path(path: str, layout: str) -> str:
     """The module path a site reads for a component at ``path`` with ``layout`` (``""`` is the layer itself)."""
-    if layout == "time_major":
-        return path
-    return f"{path}.{TAP}" if path else TAP
+    return path if layout == "time_major" else ".".join(filter(None, (path, TAP)))
+
+
+def to_view(value: Any, layout: str) -> torch.Tensor:
+    """A module output (or a model's recorded hidden state in that layout) as sites see it."""
+    return value if layout == "time_major" else LAYOUTS[layout][0](value)
 
 
 def install_tap(module: torch.nn.Module, layout: str) -> None:

@@ -29,6 +29,7 @@ Q-Former inputs past each clip's frames, so a clip in a batch reads as it does a
 from __future__ import annotations
 
 import logging
+from unittest import mock
 import math
 import warnings
 from pathlib import Path
@@ -108,7 +109,10 @@ class GraniteSpeech(AudioLM):
         install(FE_MODULE)
         # transformers warns that peft is missing; the adapter is applied below without it.
         logging.getLogger("transformers.models.granite_speech.modeling_granite_speech").setLevel(logging.ERROR)
-        model, processor = super().load_weights(source, device=device, dtype=dtype, device_map=device_map)
+        # transformers 5 loads a checkpoint's PEFT adapter itself when peft is installed, but only with peft >= 0.22
+        # (not on PyPI); with an older peft (another plugin's extra) that load breaks, so it is kept off here.
+        with mock.patch("transformers.integrations.peft.is_peft_available", lambda: False):
+            model, processor = super().load_weights(source, device=device, dtype=dtype, device_map=device_map)
         if getattr(model.config, "has_lora_adapter", False) and not lora_layers(model):
             adapter = read_adapter(source)
             if adapter is None:
