@@ -96,8 +96,8 @@ def execute(cfg: RunConfig, registry: Registry, console: Any) -> tuple[Path, Res
     try:
         checkpoint = cfg.checkpoint or model_cls.default_checkpoint
         console.print(f"Loading [bold]{model_name}[/bold] ({checkpoint}) …")
-        plugin = model_cls.load(checkpoint, device=cfg.device, dtype=cfg.dtype, device_map=cfg.device_map)
-        plugin.configure(**model_options)
+        plugin = model_cls.load(checkpoint, device=cfg.device, dtype=cfg.dtype, device_map=cfg.device_map,
+                                options=model_options)
         session = Session(plugin)
         dataset = _usable(dataset, plugin, record, console)
         for iv in interventions:
