@@ -18,6 +18,8 @@ TAP = "probe_tap"
 # layout -> (to the site view, back from it): to_view(output) and from_view(original output, edited view)
 LAYOUTS: dict[str, tuple[Callable[[Any], torch.Tensor], Callable[[Any, torch.Tensor], Any]]] = {
     "channels_first": (lambda out: out.transpose(1, 2), lambda _out, view: view.transpose(1, 2)),
+    # a pooled ``(batch, units)`` output (a sentence embedding) read and edited as one position
+    "vector": (lambda out: out.unsqueeze(1), lambda _out, view: view.squeeze(1)),
 }
 
 
