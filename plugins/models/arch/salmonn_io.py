@@ -186,15 +186,16 @@ def load_salmonn(ckpt: str | Path, *, whisper: str | None = None, beats: str | P
     """Assemble SALMONN from its checkpoint (a ``.pth`` file, a release hub id or a local folder, see
     :func:`local_release`) and its base models.
 
-    ``whisper`` defaults to ``openai/whisper-large-v2``; ``beats`` is the BEATs ``.pt`` file (``BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt``, not on the hub);
-    ``llama`` defaults to the Vicuna of the release's README matching the checkpoint's LM width. LoRA rank and
+    ``whisper`` defaults to ``openai/whisper-large-v2``; ``beats`` is the BEATs ``.pt`` file
+    (``BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt``, not on the hub); ``llama`` defaults to the Vicuna of the release's README matching the checkpoint's LM width. LoRA rank and
     targets are read from the checkpoint; ``lora_alpha`` (32 in every released config) cannot be.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, WhisperFeatureExtractor
 
     if Path(str(ckpt)).is_dir():
         ckpt, parts = local_release(Path(str(ckpt)))
-        whisper, beats, llama = whisper or parts.get("whisper"), beats or parts.get("beats"), llama or parts.get("llama")
+        whisper, beats = whisper or parts.get("whisper"), beats or parts.get("beats")
+        llama = llama or parts.get("llama")
     whisper = whisper or "openai/whisper-large-v2"
     state = _checkpoint(str(ckpt), filename, allow_pickle)
     lora = {k: v for k, v in state.items() if ".lora_A." in k}
