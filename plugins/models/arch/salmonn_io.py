@@ -188,7 +188,8 @@ def load_salmonn(ckpt: str | Path, *, whisper: str | None = None, beats: str | P
 
     ``whisper`` defaults to ``openai/whisper-large-v2``; ``beats`` is the BEATs ``.pt`` file
     (``BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt``, not on the hub); ``llama`` defaults to the Vicuna of
-    the release's README matching the checkpoint's LM width. LoRA rank and targets are read from the checkpoint; ``lora_alpha`` (32 in every released config) cannot be.
+    the release's README matching the checkpoint's LM width. LoRA rank and targets are read from the checkpoint;
+    ``lora_alpha`` (32 in every released config) cannot be.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, WhisperFeatureExtractor
 
