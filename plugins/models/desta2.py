@@ -9,7 +9,8 @@ release's code downloads both base models by id in its constructors (no local co
 run on transformers 5.
 
 The prompt is the release's two-stage one: Whisper (inside the model) transcribes each clip first, outside any
-trace; the chat text (system, the audio turn, the user's instruction) gets the transcription after the audio and
+trace; the chat text (system, the audio turn, the user's instruction; option ``system``, by default the README's
+example, empty for none) gets the transcription after the audio and
 the 64 connector outputs at the release's ``audio_position``. LM spans: ``audio`` (the 64 slots), ``transcription``
 and ``text``. The slots hold EOS ids, which also close every turn, so ``probe check`` cannot count them: the plugin's
 tests check the span against ``audio_token_start_idx``. Outputs carry the transcription next to the answer.
@@ -31,7 +32,7 @@ from lalm_probe.core.registry import hookimpl
 from lalm_probe.core.stacks import Stack
 from lalm_probe.core.templates import bart_layer, decoder_layer
 from lalm_probe.core.vocab import Component
-from lalm_probe.plugins.models.arch.desta2_io import build_tiny_desta2, load_desta2
+from lalm_probe.plugins.models.arch.desta2_io import DEFAULT_SYSTEM, build_tiny_desta2, load_desta2
 from lalm_probe.plugins.models.arch.layout import lm_positions, user_text
 from lalm_probe.plugins.models.arch.tiny import release_folder
 
@@ -50,7 +51,7 @@ class Desta2(ModelPlugin):
     hub_ids = ("DeSTA-ntu/DeSTA2-8B-beta",)
     tiny = build_tiny
     lens_stack = "lm"
-    option_defaults = {"whisper_model": None, "llama_model": None}
+    option_defaults = {"whisper_model": None, "llama_model": None, "system": DEFAULT_SYSTEM}
     load_options = ("whisper_model", "llama_model")
     stacks = (
         # The connector's Q-Former runs once per selected encoder layer in one forward pass, so its layers are not
@@ -76,7 +77,8 @@ class Desta2(ModelPlugin):
         said = iter(proc.transcribe(self.model, proc.features(clips, self.sample_rate)) if clips else [])
         transcriptions = [next(said) if a is not None else None for a in audio]
         users = [user_text(it, p) for it, p in zip(items, prompts)]
-        batch = proc([proc.messages(u, audio=it.has_audio) for it, u in zip(items, users)], list(audio),
+        system = self.options["system"] or None
+        batch = proc([proc.messages(u, audio=it.has_audio, system=system) for it, u in zip(items, users)], list(audio),
                      transcriptions, sampling_rate=self.sample_rate, user_texts=users,
                      assistant_prefixes=[p.assistant_prefix for p in prompts])
         rows = []
