@@ -12,8 +12,9 @@ The prompt is the release's two-stage one: Whisper (inside the model) transcribe
 trace; the chat text (system, the audio turn, the user's instruction; option ``system``, by default the README's
 example, empty for none) gets the transcription after the audio and
 the 64 connector outputs at the release's ``audio_position``. LM spans: ``audio`` (the 64 slots), ``transcription``
-and ``text``. The slots hold EOS ids, which also close every turn, so ``probe check`` cannot count them: the plugin's
-tests check the span against ``audio_token_start_idx``. Outputs carry the transcription next to the answer.
+and ``text``. The slots hold the tokenizer's EOS id, which can occur elsewhere in a prompt (Llama 3's ``<|eot_id|>``
+closes every turn), so ``probe check`` does not count them: the plugin's tests check the span against
+``audio_token_start_idx``. Outputs carry the transcription next to the answer.
 """
 
 from __future__ import annotations
