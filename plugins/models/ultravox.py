@@ -11,8 +11,8 @@ only to say so).
 The prompt is the release pipeline's: the user turn is the instruction with `` <|audio|>`` appended, rendered by the
 Llama 3 chat template; the placeholder becomes ``ceil(mel frames / 16)`` copies of EOS, overwritten by the projector
 output. That id (Llama 3's ``<|eot_id|>``) also closes every turn, so ``probe check`` cannot count them: the plugin's
-tests check the span against ``audio_token_start_idx`` instead. Audio longer than one window (30 s) is encoded in window chunks; the
-``audio_encoder`` sites read the first chunk.
+tests check the span against ``audio_token_start_idx`` instead. Audio longer than one window (30 s) is encoded in
+window chunks; the ``audio_encoder`` sites read the first chunk.
 """
 
 from __future__ import annotations
