@@ -4,8 +4,9 @@ Q-Former and LoRA-wrapped Vicuna, written here on transformers parts (:mod:`.arc
 Sources: a release hub id (its ``.pth`` is fetched), a checkpoint ``.pth`` file, or a local folder holding the
 ``.pth`` and a ``config.json`` with the ``model:`` block of the release's ``decode_config.yaml`` (``ckpt``,
 ``whisper_path``, ``beats_path``, ``llama_path``; relative paths inside the folder). The options ``whisper``,
-``beats`` (the BEATs ``.pt`` file; not on the hub) and ``llama`` override the parts. ``tiny`` is such a folder built by
-:func:`~.arch.salmonn_io.build_tiny_salmonn`. The release is a standalone repository (no ``trust_remote_code``).
+``beats`` (the BEATs ``.pt`` file; not on the hub) and ``llama`` override the parts; ``allow_pickle`` lets a
+checkpoint that stores Python objects besides tensors load (it runs the file's pickle code: trusted files only).
+``tiny`` is such a folder built by :func:`~.arch.salmonn_io.build_tiny_salmonn`. The release is a standalone repository (no ``trust_remote_code``).
 
 Sites: ``audio_encoder`` (Whisper; ``ln_speech`` after it), ``beats`` (BEATs, post-norm layers as released;
 ``ln_audio`` after it), the window Q-Former's output ``audio_encoder.qformer`` and its projection into the LM
@@ -65,8 +66,8 @@ class Salmonn(ModelPlugin):
     tiny = build_tiny
     lens_stack = "lm"
     audio_token = PAD  # the filler at the speech windows (used nowhere else in a row)
-    option_defaults = {"whisper": None, "beats": None, "llama": None}
-    load_options = ("whisper", "beats", "llama")
+    option_defaults = {"whisper": None, "beats": None, "llama": None, "allow_pickle": False}
+    load_options = ("whisper", "beats", "llama", "allow_pickle")
     stacks = (
         # The Q-Former reads one window per batch row; its output and projection are read per clip, one position
         # per window (``windows``).
@@ -82,10 +83,10 @@ class Salmonn(ModelPlugin):
 
     @classmethod
     def load_weights(cls, source: str | Path, *, device: str, dtype: str, device_map: str | None,
-                     whisper: str | None = None, beats: str | None = None,
-                     llama: str | None = None) -> tuple[torch.nn.Module, Any]:
+                     whisper: str | None = None, beats: str | None = None, llama: str | None = None,
+                     allow_pickle: bool = False) -> tuple[torch.nn.Module, Any]:
         return load_salmonn(source, whisper=whisper, beats=beats, llama=llama, dtype=torch_dtype(dtype),
-                            device=device, device_map=device_map)
+                            device=device, device_map=device_map, allow_pickle=allow_pickle)
 
     def prepare(self, items: Sequence[Stimulus], audio: Sequence[np.ndarray | None],
                 prompts: Sequence[Prompt]) -> Prepared:

@@ -76,4 +76,5 @@ def test_a_local_folder_names_its_parts_in_decode_config_s_model_block(tmp_path)
 
 
 def test_the_plugin_is_a_declaration_with_its_load_options():
-    assert issubclass(Salmonn, ModelPlugin) and set(Salmonn.load_options) == {"whisper", "beats", "llama"}
+    assert issubclass(Salmonn, ModelPlugin) and set(Salmonn.load_options) == {"whisper", "beats", "llama",
+                                                                                   "allow_pickle"}
