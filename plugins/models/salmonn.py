@@ -6,7 +6,8 @@ Sources: a release hub id (its ``.pth`` is fetched), a checkpoint ``.pth`` file,
 ``whisper_path``, ``beats_path``, ``llama_path``; relative paths inside the folder). The options ``whisper``,
 ``beats`` (the BEATs ``.pt`` file; not on the hub) and ``llama`` override the parts; ``allow_pickle`` lets a
 checkpoint that stores Python objects besides tensors load (it runs the file's pickle code: trusted files only).
-``tiny`` is such a folder built by :func:`~.arch.salmonn_io.build_tiny_salmonn`. The release is a standalone repository (no ``trust_remote_code``).
+``tiny`` is such a folder built by :func:`~.arch.salmonn_io.build_tiny_salmonn`. The release is a standalone
+repository (no ``trust_remote_code``).
 
 Sites: ``audio_encoder`` (Whisper; ``ln_speech`` after it), ``beats`` (BEATs, post-norm layers as released;
 ``ln_audio`` after it), the window Q-Former's output ``audio_encoder.qformer`` and its projection into the LM
