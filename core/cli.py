@@ -140,8 +140,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = RunConfig(model=args.model or DEFAULT_MODEL, analysis=args.analysis or DEFAULT_ANALYSIS,
                     checkpoint=args.checkpoint, data=args.data, interventions=args.intervention or [], out=args.out,
                     device=args.device, dtype=args.dtype, device_map=args.device_map, batch_size=args.batch_size,
-                    seed=args.seed, baseline=not args.no_baseline, force_target=args.force_target)
+                    seed=args.seed, baseline=not args.no_baseline, force_target=args.force_target,
+                    store_dtype=args.store_dtype, shard=args.shard)
     execute(cfg, _registry(), console)
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .run import analyze_run
+
+    analyze_run(Path(args.run_dir), args.analysis, _registry(), console)
     return 0
 
 
@@ -184,7 +194,17 @@ def build_parser(registry: Registry | None = None) -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--no-baseline", action="store_true", help="with interventions, skip the uninterrupted run")
     run.add_argument("--force-target", help="label whose text is forced as the decoded prefix for step:/prefix: reads")
+    run.add_argument("--store-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                     help="how activations are stored on disk")
+    run.add_argument("--shard", help="k/N: collect every N-th batch from the k-th into the same --out (N processes "
+                     "split a run; taken from torchrun/accelerate when unset); rerun without it to merge and analyse")
     run.set_defaults(func=cmd_run)
+
+    analyze = sub.add_parser("analyze", help="run an analysis on a finished run's collection (collects only what "
+                             "is missing); writes RUN_DIR/analyses/<name>/")
+    analyze.add_argument("run_dir", help="a run folder written by `probe run`")
+    analyze.add_argument("--analysis", required=True, help="NAME, NAME:key=value,... or a JSON spec file")
+    analyze.set_defaults(func=cmd_analyze)
 
     data = sub.add_parser("data", help="build datasets").add_subparsers(dest="data_command", required=True)
     if registry is not None:

@@ -91,6 +91,24 @@ class Dataset:
     def subset(self, indices: Sequence[int], name: str | None = None) -> "Dataset":
         return Dataset([self.items[i] for i in indices], name=name or self.name)
 
+    def split(self, size: int, seed: int = 0, stratify: str | None = None) -> tuple["Dataset", "Dataset"]:
+        """A seeded split into ``size`` items and the rest, each in dataset order; with ``stratify``, every value
+        of that label keeps its share (corpora such as SAKURA list items grouped by class, so a split that takes
+        the first items would see one class only)."""
+        if not 0 < size < len(self):
+            raise UserError(f"A split of {size} items needs a dataset of more than {size} items (this one has "
+                            f"{len(self)}); lower the split size.")
+        from sklearn.model_selection import train_test_split
+
+        labels = [str(v) for v in self.label_values(stratify)] if stratify else None
+        try:
+            first, _ = train_test_split(list(range(len(self))), train_size=size, random_state=seed, stratify=labels)
+        except ValueError as exc:
+            raise UserError(f"Cannot split {len(self)} items into {size} stratified by '{stratify}': {exc}") from None
+        chosen = set(first)
+        return (self.subset(sorted(chosen), f"{self.name}-split"),
+                self.subset([i for i in range(len(self)) if i not in chosen], f"{self.name}-rest"))
+
 
 def load_audio(item: Stimulus, target_rate: int) -> np.ndarray:
     """Decode, mix down to mono and resample to the rate the model's feature extractor wants."""

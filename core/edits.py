@@ -28,6 +28,7 @@ class Edit:
     - ``block_attention``: in the attention module ``site`` (e.g. ``lm.3.attn``), the query at ``positions``
       may not attend to the keys in the span ``keys``.
     ``steps``: decode steps it applies at during generation (None: every step); step 1 is the prompt pass.
+    ``items``: the item ids it applies to (None: every item), so one intervention can edit items differently.
     """
 
     site: str
@@ -39,12 +40,18 @@ class Edit:
     units: list[int] | None = None
     keys: str = "audio"
     steps: list[int] | None = None
+    items: list[str] | None = None
 
 
-def _targets(selector: str, rows: Sequence[Positions], ids: Sequence[str]) -> list[tuple[int, int]]:
-    """Absolute ``[start, end)`` per row at the prompt pass (a single position is a length-1 range)."""
+def _targets(selector: str, rows: Sequence[Positions], ids: Sequence[str],
+             items: Sequence[str] | None) -> list[tuple[int, int]]:
+    """Absolute ``[start, end)`` per row at the prompt pass (a single position is a length-1 range; an item the
+    edit does not apply to gets an empty range)."""
     out = []
     for p, rid in zip(rows, ids):
+        if items is not None and rid not in items:
+            out.append((0, 0))
+            continue
         r = row_range(p, selector, rid)
         out.append((r, r + 1) if isinstance(r, int) else r)
     return out
@@ -56,13 +63,15 @@ def edit_function(edit: Edit, rows: Sequence[Positions], ids: Sequence[str], sou
     ``rows``: each row's positions on the stack of the edited site.
     """
     selector = check_position(edit.positions)
-    targets = _targets(selector, rows, ids)
+    chosen = None if edit.items is None else set(edit.items)
+    targets = _targets(selector, rows, ids, chosen)
     repeats = follows_generation(selector)
 
     def where(out: torch.Tensor, state: dict) -> list[tuple[int, int]]:
         if state.get("step", 1) <= 1:
             return targets
-        return [new_position(out.shape[1]) if repeats else (0, 0)] * out.shape[0]
+        new = new_position(out.shape[1]) if repeats else (0, 0)
+        return [new if chosen is None or rid in chosen else (0, 0) for rid in ids]
 
     if edit.op == "add":
         vector = None if edit.value is None else torch.as_tensor(edit.value)

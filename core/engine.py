@@ -2,7 +2,7 @@
 
 It batches stimuli (the plugin pads and reports where each row's audio and text sit), plans one trace per batch
 with every read and edit in execution order, reduces on the model's device, and streams rows to an
-:class:`~lalm_probe.core.store.ActivationStore`.
+:class:`~lalm_probe.core.store.ActivationStore` (see :mod:`.collect`).
 """
 
 from __future__ import annotations
@@ -14,16 +14,15 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from .data import Dataset, Stimulus, load_audio
+from .data import Stimulus, load_audio
 from .edits import Edit, edit_function
 from .errors import UserError
 from .model import ModelPlugin, Prepared, Prompt
 from .progress import progress_bar
 from .sites import Reducer, Site, check_position, parse_sites
-from .stacks import get_module
 from .steps import edit_steps, read_steps, step_of
-from .store import ActivationStore, OutputStore
 from .tracing import Op, Tracer
+from .view import ModelView
 
 PromptFn = Callable[[Stimulus], Prompt]
 
@@ -85,19 +84,24 @@ class Session:
         return prepared
 
     def batches(self, items: Sequence[Stimulus], batch_size: int, prompt_fn: PromptFn | None = None,
-                description: str = "Collecting") -> Iterator[tuple[list[Stimulus], Prepared]]:
-        """Batches of items that share the plugin's batch key (speech and text never mix), in first-seen order."""
+                description: str = "Collecting", shard: tuple[int, int] = (0, 1)
+                ) -> Iterator[tuple[list[Stimulus], Prepared]]:
+        """Batches of items that share the plugin's batch key (speech and text never mix), in first-seen order.
+
+        ``shard=(k, n)``: only every n-th batch from the k-th, so n processes split the batches of one run between
+        them and each batch is exactly the one a single process would have made.
+        """
         if batch_size < 1:
             raise UserError(f"--batch-size must be at least 1, got {batch_size}.")
         groups: dict[Any, list[Stimulus]] = {}
         for it in items:
             groups.setdefault(self.plugin.batch_key(it), []).append(it)
-        with progress_bar(description, total=len(items)) as advance:
-            for group in groups.values():
-                for start in range(0, len(group), batch_size):
-                    chunk = group[start:start + batch_size]
-                    yield chunk, self.prepare(chunk, prompt_fn)
-                    advance(len(chunk))
+        chunks = [g[s:s + batch_size] for g in groups.values() for s in range(0, len(g), batch_size)]
+        mine = [c for j, c in enumerate(chunks) if j % shard[1] == shard[0]]
+        with progress_bar(description, total=sum(map(len, mine))) as advance:
+            for chunk in mine:
+                yield chunk, self.prepare(chunk, prompt_fn)
+                advance(len(chunk))
 
     # ---- planning ---------------------------------------------------------------------------------
     def sites(self, patterns: Sequence[str]) -> list[Site]:
@@ -231,51 +235,7 @@ class Session:
         """One forward pass over a prepared batch: the reads (``site@position`` -> values), edits applied."""
         return self.tracer.run(prepared.inputs, self.plan(prepared, ids, reads, edits))
 
-    def collect(self, dataset: Dataset, sites: Sequence[str], positions: Sequence[str], store: ActivationStore,
-                batch_size: int = 8, edits: Sequence[Edit] = (), prompt_fn: PromptFn | None = None,
-                shard_rows: int = 256, description: str = "Collecting",
-                force_target: str | None = None) -> ActivationStore:
-        """Stream reduced activations for every item into ``store``, skipping ids it already holds.
-
-        Sites on a stack an item never reaches (a speech encoder for a text item) are skipped for that item.
-        With ``step:``/``prefix:`` positions each batch is decoded (greedily, or forcing the text in the label
-        ``force_target``) and read during generation; otherwise one forward pass per batch.
-        """
-        if "all" in positions:
-            raise UserError("Position 'all' has a different length per item and cannot be stored; "
-                            "use last, mean, a span or token:<i>.")
-        reads = self.reads(sites, positions)
-        steps = max((step_of(sel)[0] for _, sel in reads if step_of(sel)), default=0)
-        done = store.stored_ids()
-        todo = [it for it in dataset if it.id not in done]
-        for chunk, prepared in self.batches(todo, batch_size, prompt_fn, description):
-            ids = [it.id for it in chunk]
-            batch_reads = self._batch_reads(reads, prepared, ids)
-            if not batch_reads:  # none of the asked-for stacks is reached by these items (text, encoder sites)
-                values: dict[str, Any] = {}
-            elif steps:
-                values = self._generate(chunk, prepared, batch_reads, edits, steps, force_target).reads
-            else:
-                values = self.trace(prepared, ids, batch_reads, edits)
-            store.add(ids, {k: v.float().cpu().numpy() for k, v in values.items()})
-            if store.buffered >= shard_rows:
-                store.flush()
-        store.mark_complete()
-        return store
-
-    def write_outputs(self, dataset: Dataset, store: OutputStore, max_new_tokens: int, batch_size: int = 8,
-                      edits: Sequence[Edit] = (), prompt_fn: PromptFn | None = None,
-                      description: str = "Generating") -> OutputStore:
-        """The model's own output for every item (greedy, stopping at end of sequence), with edits applied."""
-        done = store.stored_ids()
-        todo = [it for it in dataset if it.id not in done]
-        for chunk, prepared in self.batches(todo, batch_size, prompt_fn, description):
-            gen = self._generate(chunk, prepared, [], edits, max_new_tokens, None, until_eos=True)
-            store.add([{"id": it.id, **out} for it, out in zip(chunk, gen.outputs)])
-        store.mark_complete([it.id for it in dataset])
-        return store
-
-    def _batch_reads(self, reads: Sequence[tuple[Site, str]], prepared: Prepared,
+    def reachable_reads(self, reads: Sequence[tuple[Site, str]], prepared: Prepared,
                      ids: Sequence[str]) -> list[tuple[Site, str]]:
         """Drop reads of stacks no row of this batch passes through; a stack only some rows reach is an error."""
         out = []
@@ -302,11 +262,12 @@ class Session:
             raise UserError("generate takes one batch: items must share their modality (use Session.batches).")
         reads = self.reads(sites, positions)
         prepared = self.prepare(items, prompt_fn)
-        return self._generate(items, prepared, reads, edits, max_new_tokens, force_target, **gen_kwargs)
+        return self.generate_batch(items, prepared, reads, edits, max_new_tokens, force_target, **gen_kwargs)
 
-    def _generate(self, items: Sequence[Stimulus], prepared: Prepared, reads: Sequence[tuple[Site, str]],
-                  edits: Sequence[Edit], max_new_tokens: int, force_target: str | None, until_eos: bool = False,
-                  **gen_kwargs: Any) -> "Generation":
+    def generate_batch(self, items: Sequence[Stimulus], prepared: Prepared, reads: Sequence[tuple[Site, str]],
+                       edits: Sequence[Edit], max_new_tokens: int, force_target: str | None, until_eos: bool = False,
+                       **gen_kwargs: Any) -> "Generation":
+        """Generate for a prepared batch (see :meth:`generate`); ``until_eos`` lets rows stop at end of sequence."""
         ids = [it.id for it in items]
         steps = max((step_of(sel)[0] for _, sel in reads if step_of(sel)), default=1)
         if max_new_tokens < steps:
@@ -338,18 +299,12 @@ class Session:
         device = self.plugin.device
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
-    # ---- lens -------------------------------------------------------------------------------------
+    # ---- what analyses and interventions see ------------------------------------------------------------
+    @property
+    def view(self) -> ModelView:
+        """The read-only model view: stacks, widths, lens, tokenizer (no forward passes)."""
+        return ModelView(self.plugin)
+
     def lens(self, hidden: torch.Tensor | np.ndarray, stack: str | None = None, norm: bool = True) -> torch.Tensor:
         """Project hidden states to vocabulary logits: ``unembed(norm(h))`` or ``unembed(h)``."""
-        name = stack or self.plugin.lens_stack
-        if name is None or name not in self.plugin.resolved:
-            raise UserError(f"Model '{self.plugin.name}' declares no stack with an unembedding for the logit lens.")
-        st = self.plugin.resolved[name]
-        if st.unembed is None:
-            raise UserError(f"Stack '{name}' has no unembedding; the logit lens needs one.")
-        model = self.plugin.model
-        h = torch.as_tensor(hidden).to(self.plugin.device, dtype=next(model.parameters()).dtype)
-        with torch.no_grad():
-            if norm and st.final_norm is not None:
-                h = get_module(model, st.final_norm)(h)
-            return get_module(model, st.unembed)(h).float()
+        return self.view.lens(hidden, stack, norm)

@@ -3,8 +3,14 @@
 Both are dataclasses whose fields are their parameters, so a spec given on the command line
 (``logitlens:norm=false``) or in a JSON file becomes a typed object that is saved with the run.
 
+An analysis is a function of stores: it declares what must be collected (:class:`Requirements`), and turns the
+collected :class:`Stores` plus a read-only :class:`~lalm_probe.core.view.ModelView` into a result. It never runs
+the model, so ``probe analyze RUN_DIR`` can rerun it from a run folder.
+
 An intervention never touches nnsight: it returns declarative :class:`Edit` objects (add a vector, set units,
-block attention) that the engine applies inside its one trace per batch.
+block attention) that the engine applies inside its one trace per batch. One that learns from data (a layer chosen
+on a probing split, medians, a steering vector) declares a :class:`Calibration`: the run collects it first, into
+its own store, and hands it to :meth:`Intervention.calibrate` before any edit is made.
 """
 
 from __future__ import annotations
@@ -14,61 +20,101 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from .edits import Edit
 
-__all__ = ["Analysis", "Edit", "Intervention", "Requirements"]
-
 if TYPE_CHECKING:  # pragma: no cover
     from .data import Dataset
-    from .engine import Session
     from .model import Prompt
+    from .outputs import OutputStore
     from .results import Result
     from .store import ActivationStore
+    from .view import ModelView
+
+__all__ = ["Analysis", "Calibration", "Edit", "Intervention", "Reads", "Requirements", "Stores"]
+
+
+@dataclass
+class Reads:
+    """Sites read at positions, for every item or only the listed ones (every position of a few items for a heat
+    map: ``Reads(["lm.*.out"], ["all"], items=[...])``)."""
+
+    sites: list[str]
+    positions: list[str]
+    items: list[str] | None = None
 
 
 @dataclass
 class Requirements:
-    """What an analysis needs collected: site patterns, position selectors and label keys."""
+    """What an analysis needs collected: site patterns and positions, label keys, generation."""
 
     sites: list[str]
     positions: list[str] = field(default_factory=lambda: ["last"])
     labels: list[str] = field(default_factory=list)
     force_target: str | None = None  # label key whose text is forced as the decoded prefix for step:/prefix: reads
     generate: int = 0  # >0: also write the model's outputs (up to this many new tokens) as outputs.jsonl
+    more: list[Reads] = field(default_factory=list)  # further reads, e.g. every position of a few items
+
+    def reads(self) -> list[Reads]:
+        return ([Reads(list(self.sites), list(self.positions))] if self.sites else []) + list(self.more)
+
+
+@dataclass
+class Stores:
+    """What a run collected: activations and outputs without interventions (``baseline``) and with them
+    (``intervened``). Under ``--no-baseline`` only the intervened ones exist."""
+
+    baseline: "ActivationStore | None" = None
+    intervened: "ActivationStore | None" = None
+    baseline_outputs: "OutputStore | None" = None
+    intervened_outputs: "OutputStore | None" = None
+
+    def activations(self) -> list[tuple[str, "ActivationStore"]]:
+        """``(name, store)`` for each collected activation store, baseline first."""
+        return [(n, s) for n, s in (("baseline", self.baseline), ("intervened", self.intervened)) if s is not None]
+
+    def outputs(self) -> list[tuple[str, "OutputStore"]]:
+        return [(n, s) for n, s in (("baseline", self.baseline_outputs), ("intervened", self.intervened_outputs))
+                if s is not None]
+
+
+@dataclass
+class Calibration:
+    """What an intervention learns from before the run: ``requirements`` collected on ``items`` (with the
+    analysis's prompts), after which the run evaluates ``evaluate`` (the items left once a probing split is out)."""
+
+    items: "Dataset"
+    evaluate: "Dataset"
+    requirements: Requirements
 
 
 class Intervention:
-    """Base class: a dataclass of parameters plus :meth:`edits`."""
+    """Base class: a dataclass of parameters plus :meth:`edits` (and, when it learns from data, a calibration)."""
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
 
-    def prepare(self, session: "Session", dataset: "Dataset", analysis: "Analysis") -> "Dataset":
-        """Resolve data-dependent parameters (a layer chosen from scores, medians) before the main run.
+    def calibration(self, model: "ModelView", dataset: "Dataset", analysis: "Analysis") -> Calibration | None:
+        """What to collect before the run to resolve data-dependent parameters; None when nothing is needed."""
+        return None
 
-        Returns the dataset to evaluate on: an intervention that learns from a probing split returns the rest.
-        """
-        return dataset
+    def calibrate(self, model: "ModelView", calibration: Calibration, store: "ActivationStore",
+                  analysis: "Analysis") -> None:
+        """Resolve data-dependent parameters from the calibration store (they are saved with the run)."""
 
-    def edits(self, session: "Session") -> list[Edit]:
+    def edits(self, model: "ModelView") -> list[Edit]:
         raise NotImplementedError
 
 
 class Analysis:
-    """Base class: a dataclass of options, what to collect, and how to turn stores into a result.
-
-    ``analyze`` gets the store collected without interventions (``baseline``) and, when interventions are
-    given, the store collected with them (``intervened``), so every analysis can report both. An analysis that
-    asks to generate also gets ``baseline:outputs`` (and ``intervened:outputs``), each an ``OutputStore``.
-    """
+    """Base class: a dataclass of options, what to collect, and how to turn stores into a result."""
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
 
-    def prompt(self, session: "Session", item: Any) -> "Prompt":
+    def prompt(self, model: "ModelView", item: Any) -> "Prompt":
         """The prompt for one item; by default the model's own default prompt for it."""
-        return session.plugin.default_prompt(item)
+        return model.default_prompt(item)
 
-    def requirements(self, session: "Session", dataset: "Dataset") -> Requirements:
+    def requirements(self, model: "ModelView", dataset: "Dataset") -> Requirements:
         raise NotImplementedError
 
-    def analyze(self, session: "Session", dataset: "Dataset", stores: dict[str, "ActivationStore"]) -> "Result":
+    def analyze(self, model: "ModelView", dataset: "Dataset", stores: Stores) -> "Result":
         raise NotImplementedError

@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from .files import write_json
+
 
 @dataclass
 class Table:
@@ -53,13 +55,19 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def write_result(result: Result, out: Path) -> list[Path]:
-    """Write results.json, arrays.npz and plots/*.png; returns the files written."""
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend (no display is needed or used)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def write_result(result: Result, out: Path) -> list[Path]:
+    """Write results.json, arrays.npz and plots/*.png; returns the files written."""
+    plt = pyplot()
     written = []
     if result.arrays:
         np.savez_compressed(out / "arrays.npz", **result.arrays)
@@ -71,11 +79,33 @@ def write_result(result: Result, out: Path) -> list[Path]:
             fig.savefig(path, dpi=120, bbox_inches="tight")
             plt.close(fig)
             written.append(path)
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(result.to_json(), indent=2, ensure_ascii=False), encoding="utf-8")
-    tmp.replace(out / "results.json")
-    written.append(out / "results.json")
+    written.append(write_json(out / "results.json", result.to_json()))
     return written
+
+
+def report(record: dict[str, Any], result: Result, where: Path) -> str:
+    """``report.md``: what was run, the summary, the tables and the plots, readable without the tool."""
+    cfg = record["config"]
+    lines = [f"# {record['analysis']['name']} on {cfg['model']}", "",
+             f"- checkpoint: {cfg.get('checkpoint') or 'default'}",
+             f"- data: {cfg.get('data') or 'default'} ({record['dataset'].get('evaluated_items')} items)",
+             f"- analysis: `{json.dumps(record['analysis']['params'], default=str)}`",
+             f"- interventions: `{json.dumps(record.get('interventions', []), default=str)}`", "", "## Summary", ""]
+    lines += [f"- **{k}**: {_fmt(v) if not isinstance(v, str) else v}" for k, v in result.to_json()["summary"].items()]
+    for table in result.tables:
+        if not table.show or not table.rows:
+            continue
+        cols = list(table.rows[0])
+        lines += ["", f"## {table.title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(_fmt(r.get(c)).replace("|", "\\|") for c in cols) + " |" for r in table.rows[:40]]
+        if len(table.rows) > 40:
+            lines.append(f"\n_{len(table.rows) - 40} more rows in results.json_")
+    plots = sorted((where / "plots").glob("*.png")) if (where / "plots").is_dir() else []
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
+    if result.notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in result.notes]
+    return "\n".join(lines) + "\n"
 
 
 def render(result: Result, console: Any, title: str) -> None:

@@ -1,13 +1,16 @@
-"""One ``probe run``: load, collect, analyse, and write one run directory.
+"""One ``probe run`` (and ``probe analyze``): load, calibrate, collect, analyse, write one run folder.
 
-The directory holds ``run.json`` (config, versions, seed, status), the activation stores, ``results.json``,
-``arrays.npz``, ``plots/*.png`` and ``report.md``. ``run.json`` says ``running`` until everything is written and
-``complete`` after, so a crashed run is never mistaken for a finished one; rerunning with the same ``--out``
-resumes the collection where it stopped.
+The folder holds ``run.json`` (config, versions, seed, status, stores), the activation stores under ``store/``,
+``results.json``, ``arrays.npz``, ``plots/*.png`` and ``report.md``; ``probe analyze`` adds ``analyses/<name>/``.
+The stages are explicit: interventions that learn from data are calibrated first on their own store, then the
+baseline (and intervened) activations and outputs are collected, then the analysis turns stores into a result. An
+analysis never runs the model, so ``probe analyze RUN_DIR --analysis SPEC`` reruns any analysis on the stored
+collection, collecting only what is missing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -21,13 +24,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from .collect import collect, write_outputs
 from .data import Dataset, resolve_dataset
 from .engine import Session
 from .errors import UserError
+from .outputs import OutputStore
+from .plugin import Analysis, Intervention, Stores
 from .registry import Registry
-from .results import Result, render, write_result
+from .results import Result, render, report, write_result
+from .rundir import differing_setting, locked, make_folder, read_record, write_record
 from .spec import build_params, spec_to_json, split_spec
-from .store import ActivationStore, OutputStore
+from .store import ActivationStore
 from .threads import analysis_threads
 
 DEFAULT_DATA = "synth:demo"  # 4 sentences x 7 languages, one voice: a first run in about a minute
@@ -35,6 +42,8 @@ DEFAULT_DATA = "synth:demo"  # 4 sentences x 7 languages, one voice: a first run
 # logit lens on the decoder where Whisper identifies the language.
 DEFAULT_MODEL = "whisper"
 DEFAULT_ANALYSIS = "logitlens:label=language,positions=last"
+LAYERS = ("Layers are numbered by site index from 0: layer l is the output of block l+1, read at <stack>.l.out "
+          "(add 1 for the papers' numbering from 1).")
 
 
 @dataclass
@@ -52,13 +61,14 @@ class RunConfig:
     seed: int = 0
     baseline: bool = True  # with interventions, also collect without them for comparison
     force_target: str | None = None  # label whose text is forced as the decoded prefix (step:/prefix: reads)
+    store_dtype: str = "float32"  # float32, float16 or bfloat16 on disk
+    shard: str | None = None  # "k/N": collect every N-th batch from the k-th (torchrun / accelerate: automatic)
 
 
-def build_spec(registry: Registry, kind: str, text: str) -> Any:
-    """Turn ``NAME[:k=v,...]`` or a JSON file into a typed analysis or intervention object."""
-    name, params = split_spec(text)
-    cls = registry.get(kind, name)
-    return build_params(cls, params, f"{kind} '{name}'")
+def build_spec(registry: Registry, kind: str, spec: str | dict[str, Any]) -> Any:
+    """Turn ``NAME[:k=v,...]``, a JSON file or a saved ``{"name", "params"}`` into a typed plugin object."""
+    name, params = (spec["name"], spec["params"]) if isinstance(spec, dict) else split_spec(spec)
+    return build_params(registry.get(kind, name), params, f"{kind} '{name}'")
 
 
 def versions() -> dict[str, str]:
@@ -71,107 +81,210 @@ def versions() -> dict[str, str]:
     return out
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
+def shard_of(spec: str | None) -> tuple[int, int]:
+    """``(k, N)`` from ``--shard k/N``, else from torchrun / accelerate (``RANK``, ``WORLD_SIZE``), else (0, 1)."""
+    if spec is None:
+        rank, world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")
+        spec = f"{rank}/{world}" if rank is not None and world is not None else "0/1"
+    try:
+        k, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise UserError(f"--shard must look like k/N (e.g. 0/4), not '{spec}'.") from None
+    if not 0 <= k < n:
+        raise UserError(f"--shard {spec}: k must be in 0..N-1.")
+    return k, n
 
 
-def execute(cfg: RunConfig, registry: Registry, console: Any) -> tuple[Path, Result]:
-    """Run one analysis end to end and return the run directory and the result."""
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    model_name, model_options = split_spec(cfg.model)
-    model_cls = registry.get("model", model_name)
+def _identity(cfg: RunConfig, checkpoint: str, role: str, edits: list[Any], prompts: str,
+              force_target: str | None) -> dict[str, Any]:
+    return {"model": cfg.model, "checkpoint": checkpoint, "dtype": cfg.dtype, "role": role, "edits": edits,
+            "prompts": prompts, "force_target": force_target}
+
+
+def _store(out: Path, identity: dict[str, Any], dtype: str) -> ActivationStore:
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return ActivationStore(out / "store" / f"{identity['role']}-{digest}", identity, dtype)
+
+
+def _prompts_key(analysis: Analysis, model: Any, dataset: Dataset) -> str:
+    """The distinct prompts an analysis shows the model: rows collected under other prompts are another store."""
+    seen = sorted({json.dumps([p.user, p.assistant_prefix]) for p in (analysis.prompt(model, it) for it in dataset)})
+    return hashlib.sha256("\n".join(seen).encode()).hexdigest()[:16]
+
+
+class Pipeline:
+    """The stages of one run over a loaded session; shared by ``probe run`` and ``probe analyze``."""
+
+    def __init__(self, cfg: RunConfig, session: Session, out: Path, record: dict[str, Any], console: Any) -> None:
+        self.cfg, self.session, self.out, self.record, self.console = cfg, session, out, record, console
+        self.view = session.view
+        self.checkpoint = cfg.checkpoint or session.plugin.default_checkpoint
+        self.shard = shard_of(cfg.shard)
+
+    def usable(self, dataset: Dataset) -> Dataset:
+        """The items the model can take (Whisper takes speech only), saying how many were left out."""
+        plugin = self.session.plugin
+        kept = [it for it in dataset if plugin.accepts(it)]
+        if not kept:
+            raise UserError(f"None of the {len(dataset)} items can be fed to '{plugin.name}', which takes "
+                            f"{' and '.join(plugin.modalities)} input.")
+        if len(kept) < len(dataset):
+            left = len(dataset) - len(kept)
+            self.console.print(f"[yellow]Leaving out {left} of {len(dataset)} items[/yellow]: '{plugin.name}' takes "
+                               f"{' and '.join(plugin.modalities)} input only.")
+            self.record["dataset"]["left_out"] = left
+            return Dataset(kept, name=dataset.name)
+        return dataset
+
+    def calibrate(self, interventions: list[Intervention], analysis: Analysis, dataset: Dataset) -> Dataset:
+        """Collect each intervention's calibration data into its own store and let it resolve its parameters."""
+        for n, iv in enumerate(interventions):
+            calibration = iv.calibration(self.view, dataset, analysis)
+            if calibration is None:
+                continue
+            prompt_fn = lambda it: analysis.prompt(self.view, it)  # noqa: E731
+            identity = _identity(self.cfg, self.checkpoint, f"calibration{n}", [spec_to_json(iv)],
+                                 _prompts_key(analysis, self.view, calibration.items), None)
+            store = collect(self.session, calibration.items, calibration.requirements.reads(),
+                            _store(self.out, identity, self.cfg.store_dtype), batch_size=self.cfg.batch_size,
+                            prompt_fn=prompt_fn, description=f"Calibrating ({iv.name})")
+            iv.calibrate(self.view, calibration, store, analysis)
+            dataset = calibration.evaluate
+        return dataset
+
+    def collect(self, analysis: Analysis, dataset: Dataset, interventions: list[Intervention]) -> Stores:
+        """Baseline and intervened activations (and outputs) for what the analysis requires."""
+        req = analysis.requirements(self.view, dataset)
+        for key in req.labels:
+            dataset.label_values(key)  # every item must carry the labels before any model time is spent
+        edits = [e for iv in interventions for e in iv.edits(self.view)]
+        force_target = self.cfg.force_target or req.force_target
+        prompt_fn = lambda it: analysis.prompt(self.view, it)  # noqa: E731
+        prompts = _prompts_key(analysis, self.view, dataset)
+        stores = Stores()
+        roles = ([("baseline", [])] if self.cfg.baseline or not edits else []) + ([("intervened", edits)] if edits
+                                                                                 else [])
+        for role, role_edits in roles:
+            specs = [spec_to_json(iv) for iv in interventions] if role_edits else []
+            if req.reads():
+                store = _store(self.out, _identity(self.cfg, self.checkpoint, role, specs, prompts, force_target),
+                               self.cfg.store_dtype)
+                self.record.setdefault("stores", {})[role] = str(store.root.relative_to(self.out))
+                if self.shard[1] > 1:
+                    store = store.part(*self.shard)
+                collect(self.session, dataset, req.reads(), store, batch_size=self.cfg.batch_size, edits=role_edits,
+                        prompt_fn=prompt_fn, force_target=force_target, shard=self.shard,
+                        description=f"Collecting ({role})")
+                setattr(stores, role, store)
+            if req.generate and self.shard[1] == 1:
+                main = role == "intervened" or not edits  # outputs.jsonl holds what this run's settings produced
+                path = self.out / ("outputs.jsonl" if main else "baseline_outputs.jsonl")
+                setattr(stores, f"{role}_outputs", write_outputs(
+                    self.session, dataset, OutputStore(path), req.generate, batch_size=self.cfg.batch_size,
+                    edits=role_edits, prompt_fn=prompt_fn, description=f"Generating ({role})"))
+        return stores
+
+    def analyze(self, analysis: Analysis, dataset: Dataset, stores: Stores, where: Path) -> tuple[Result, list[Path]]:
+        with analysis_threads():  # t-SNE and SVD crawl when BLAS threads fight over a small machine
+            result = analysis.analyze(self.view, dataset, stores)
+        result.summary.setdefault("layer_numbering", LAYERS)
+        where.mkdir(parents=True, exist_ok=True)
+        written = write_result(result, where)
+        (where / "report.md").write_text(report(self.record, result, where), encoding="utf-8")
+        return result, written + [where / "report.md"]
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _load(cfg: RunConfig, registry: Registry, console: Any) -> Session:
+    name, options = split_spec(cfg.model)
+    cls = registry.get("model", name)
+    checkpoint = cfg.checkpoint or cls.default_checkpoint
+    console.print(f"Loading [bold]{name}[/bold] ({checkpoint}) …")
+    return Session(cls.load(checkpoint, device=cfg.device, dtype=cfg.dtype, device_map=cfg.device_map,
+                            options=options))
+
+
+def execute(cfg: RunConfig, registry: Registry, console: Any) -> tuple[Path, Result | None]:
+    """Run one analysis end to end; returns the run folder and the result (None for a shard, which only collects)."""
+    _seed(cfg.seed)
+    model_name = split_spec(cfg.model)[0]
+    registry.get("model", model_name)
     analysis = build_spec(registry, "analysis", cfg.analysis)
     interventions = [build_spec(registry, "intervention", s) for s in cfg.interventions]
     dataset = resolve_dataset(cfg.data or DEFAULT_DATA, registry.dataset_sources())
-    out = Path(cfg.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{model_name}-{analysis.name}")
-    out.mkdir(parents=True, exist_ok=True)
-    record: dict[str, Any] = {"status": "running", "config": asdict(cfg), "analysis": spec_to_json(analysis),
-                              "versions": versions(), "seed": cfg.seed, "dataset": {"name": dataset.name,
-                                                                                   "items": len(dataset)}}
-    _write_json(out / "run.json", record)
-    try:
-        checkpoint = cfg.checkpoint or model_cls.default_checkpoint
-        console.print(f"Loading [bold]{model_name}[/bold] ({checkpoint}) …")
-        plugin = model_cls.load(checkpoint, device=cfg.device, dtype=cfg.dtype, device_map=cfg.device_map,
-                                options=model_options)
-        session = Session(plugin)
-        dataset = _usable(dataset, plugin, record, console)
-        for iv in interventions:
-            dataset = iv.prepare(session, dataset, analysis)
-        record["interventions"] = [spec_to_json(iv) for iv in interventions]  # after prepare: resolved values
-        record["dataset"].update({"evaluated_items": len(dataset), "fingerprint": dataset.fingerprint()})
-        _write_json(out / "run.json", record)
-        req = analysis.requirements(session, dataset)
-        for key in req.labels:
-            dataset.label_values(key)  # every item must carry the labels before any model time is spent
-        edits = [e for iv in interventions for e in iv.edits(session)]
-        stores: dict[str, Any] = {}
-        plans = [("baseline", [])] if cfg.baseline or not edits else []
-        plans += [("intervened", edits)] if edits else []
-        force_target = cfg.force_target or req.force_target
-        prompt_fn = lambda it: analysis.prompt(session, it)  # noqa: E731
-        for name, plan_edits in plans:
-            if req.sites:
-                config = {"model": cfg.model, "checkpoint": checkpoint, "dtype": cfg.dtype,
-                          "dataset": dataset.fingerprint(), "sites": req.sites, "positions": req.positions,
-                          "force_target": force_target, "analysis": spec_to_json(analysis),
-                          "interventions": record["interventions"] if plan_edits else []}
-                store = ActivationStore(out / "store" / name, config)
-                session.collect(dataset, req.sites, req.positions, store, batch_size=cfg.batch_size,
-                                edits=plan_edits, prompt_fn=prompt_fn, description=f"Collecting ({name})",
-                                force_target=force_target)
-                stores[name] = store
-            if req.generate:
-                # outputs.jsonl holds what this run's model said (with its interventions); the baseline beside it
-                main = name == "intervened" or not edits
-                path = out / ("outputs.jsonl" if main else "baseline_outputs.jsonl")
-                stores[f"{name}:outputs"] = session.write_outputs(
-                    dataset, OutputStore(path), req.generate, batch_size=cfg.batch_size, edits=plan_edits,
-                    prompt_fn=prompt_fn, description=f"Generating ({name})")
-        for kind in ("", ":outputs"):
-            if f"baseline{kind}" not in stores and f"intervened{kind}" in stores:
-                stores[f"baseline{kind}"] = stores.pop(f"intervened{kind}")
-        with analysis_threads():  # t-SNE and SVD crawl when BLAS threads fight over a small machine
-            result = analysis.analyze(session, dataset, stores)
-        written = write_result(result, out)
-        (out / "report.md").write_text(_report(cfg, record, result), encoding="utf-8")
-        outputs = sorted(p.name for p in out.glob("*outputs.jsonl"))
-        record.update(status="complete", files=[str(p.relative_to(out)) for p in written] + outputs)
-        _write_json(out / "run.json", record)
-    except BaseException as exc:
-        record.update(status="failed" if not isinstance(exc, KeyboardInterrupt) else "interrupted",
-                      error=f"{type(exc).__name__}: {exc}")
-        _write_json(out / "run.json", record)
-        raise
+    k, n = shard_of(cfg.shard)
+    out = make_folder(Path(cfg.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{model_name}-{analysis.name}"))
+    with locked(out, ".lock" if n == 1 else f".lock-{k}-of-{n}"):
+        old = read_record(out)
+        config = asdict(cfg)
+        if old is not None and (why := differing_setting(old["config"], config)):
+            raise UserError(f"{out} holds another run ({why}); rerun with the same settings to resume it, or "
+                            "choose another --out folder.")
+        record = {"status": "running", "config": config, "analysis": spec_to_json(analysis), "versions": versions(),
+                  "seed": cfg.seed, "dataset": {"name": dataset.name, "items": len(dataset)}, "layers": LAYERS}
+        if n == 1:
+            write_record(out, record)
+        try:
+            pipe = Pipeline(cfg, _load(cfg, registry, console), out, record, console)
+            dataset = pipe.usable(dataset)
+            dataset = pipe.calibrate(interventions, analysis, dataset)
+            record["interventions"] = [spec_to_json(iv) for iv in interventions]  # calibrated values included
+            record["dataset"].update({"evaluated_items": len(dataset), "ids": [it.id for it in dataset]})
+            stores = pipe.collect(analysis, dataset, interventions)
+            if n > 1:
+                console.print(f"Shard {k}/{n} collected into {out}. When every shard is done, run the same command "
+                              "without --shard to merge and analyse.", soft_wrap=True)
+                return out, None
+            result, written = pipe.analyze(analysis, dataset, stores, out)
+            outputs = sorted(p.name for p in out.glob("*outputs.jsonl"))
+            record.update(status="complete", files=[str(p.relative_to(out)) for p in written] + outputs)
+            write_record(out, record)
+        except BaseException as exc:
+            if n == 1:
+                record.update(status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
+                              error=f"{type(exc).__name__}: {exc}")
+                write_record(out, record)
+            raise
     render(result, console, f"{analysis.name} on {cfg.model}")
     console.print(f"Run written to [bold]{out}[/bold]", soft_wrap=True)
     return out, result
 
 
-def _usable(dataset: Dataset, plugin: Any, record: dict[str, Any], console: Any) -> Dataset:
-    """Keep the items the model can take (Whisper takes speech only), saying how many were left out."""
-    kept = [it for it in dataset if plugin.accepts(it)]
-    if not kept:
-        raise UserError(f"None of the {len(dataset)} items can be fed to '{plugin.name}', which takes "
-                        f"{' and '.join(plugin.modalities)} input.")
-    if len(kept) < len(dataset):
-        skipped = len(dataset) - len(kept)
-        console.print(f"[yellow]Leaving out {skipped} of {len(dataset)} items[/yellow]: '{plugin.name}' takes "
-                      f"{' and '.join(plugin.modalities)} input only.")
-        record["dataset"]["left_out"] = skipped
-        return Dataset(kept, name=dataset.name)
-    return dataset
-
-
-def _report(cfg: RunConfig, record: dict[str, Any], result: Result) -> str:
-    lines = [f"# {record['analysis']['name']} on {split_spec(cfg.model)[0]}", "",
-             f"- checkpoint: {cfg.checkpoint or 'default'}", f"- data: {cfg.data or DEFAULT_DATA} "
-             f"({record['dataset'].get('evaluated_items')} items)",
-             f"- interventions: {json.dumps(record.get('interventions', []))}", "", "## Summary", ""]
-    lines += [f"- {k}: {v}" for k, v in result.to_json()["summary"].items()]
-    lines += ["", *[f"_{n}_" for n in result.notes]]
-    return "\n".join(lines) + "\n"
+def analyze_run(run_dir: Path, spec: str, registry: Registry, console: Any) -> tuple[Path, Result]:
+    """Rerun an analysis on a finished run's collection (collecting only what is missing); writes
+    ``analyses/<name>[-n]/`` next to the run's own result."""
+    old = read_record(run_dir)
+    if old is None or old.get("status") != "complete":
+        raise UserError(f"{run_dir} is not a finished run (no complete run.json); finish it with `probe run` first.")
+    cfg = RunConfig(**old["config"])
+    _seed(cfg.seed)
+    analysis = build_spec(registry, "analysis", spec)
+    interventions = [build_spec(registry, "intervention", s) for s in old.get("interventions", [])]
+    full = {it.id: it for it in resolve_dataset(cfg.data or DEFAULT_DATA, registry.dataset_sources())}
+    missing = [i for i in old["dataset"]["ids"] if i not in full]
+    if missing:
+        raise UserError(f"The run's data no longer holds item '{missing[0]}'; `probe analyze` needs the same data.")
+    dataset = Dataset([full[i] for i in old["dataset"]["ids"]], name=old["dataset"]["name"])
+    with locked(run_dir):
+        record = dict(old)
+        pipe = Pipeline(cfg, _load(cfg, registry, console), run_dir, record, console)
+        stores = pipe.collect(analysis, dataset, interventions)
+        used, record["stores"] = record.get("stores"), old.get("stores")  # the run's own stores stay its record
+        slug = analysis.name
+        n = 1
+        while (run_dir / "analyses" / slug).exists():
+            n += 1
+            slug = f"{analysis.name}-{n}"
+        result, written = pipe.analyze(analysis, dataset, stores, run_dir / "analyses" / slug)
+        record.setdefault("analyses", []).append({"analysis": spec_to_json(analysis), "dir": f"analyses/{slug}",
+                                                  "stores": used,
+                                                  "files": [str(p.relative_to(run_dir)) for p in written]})
+        write_record(run_dir, record)
+    render(result, console, f"{analysis.name} on {cfg.model}")
+    console.print(f"Analysis written to [bold]{run_dir / 'analyses' / slug}[/bold]", soft_wrap=True)
+    return run_dir / "analyses" / slug, result

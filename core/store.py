@@ -1,57 +1,162 @@
-"""On-disk activation store: sharded, with a manifest, resumable.
+"""On-disk activation store: memory-mappable arrays per key, written in atomic segments, resumable, mergeable.
 
-A collection writes shards of rows (``shard-00000.npz`` holds ``ids`` and one array per ``site@position`` key)
-and records each finished shard in ``manifest.json``. Both are written to a temporary name and renamed, so an
-interrupted run leaves only complete shards behind; resuming skips the ids already stored. Analyses read from
-the store, so several analyses share one collection.
+Layout (format 2), documented for other tools::
+
+    <store>/manifest.json          identity, dtype, and the list of segments
+    <store>/segments/00000/        one flush of rows:
+        rows.json                  {"ids": [...], "fingerprints": [...]} in row order
+        k0000.npy ...              one array per key, shape (rows, *unit shape); NumPy can memory-map it
+        k0001.npy + k0001.len.npy  a ragged key (every position of each row): the rows' positions stacked, and
+                                   how many each row has
+    <store>/parts/<k>-of-<N>/      a store of the same identity written by shard k of N (``--shard k/N``)
+
+A key is ``site@position`` (``lm.3.out@last``); each segment maps its keys to file stems. A segment is written to a
+temporary folder and renamed, then recorded in the manifest (written to a temporary name and renamed), so an
+interruption leaves only complete segments. Each row carries the fingerprint of the item it was computed from
+(audio, text, labels, prompt): a row whose item changed is stale and collected again; the latest row of an id
+wins. ``bfloat16`` is stored as its upper 16 bits (``uint16``) and read back as float32. The parts of a sharded
+collection are merged by listing their segments, without copying arrays.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from .errors import UserError
+from .files import publish_dir, temp_dir_for, write_json
 
 MANIFEST = "manifest.json"
+FORMAT = 2
+DTYPES = ("float32", "float16", "bfloat16")
 
 
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, path)
+def _to_disk(array: np.ndarray, dtype: str) -> np.ndarray:
+    a = np.asarray(array, dtype=np.float32)
+    if dtype == "bfloat16":  # round to nearest even, keep the upper half
+        bits = a.view(np.uint32)
+        return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    return a.astype(dtype)
+
+
+def _from_disk(array: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":
+        return (np.asarray(array, dtype=np.uint32) << 16).view(np.float32)
+    return np.asarray(array, dtype=np.float32) if dtype != "float32" else np.asarray(array)
+
+
+@dataclass
+class _Segment:
+    root: Path  # the store (or part) the segment belongs to
+    entry: dict[str, Any]
+
+    @property
+    def path(self) -> Path:
+        return self.root / self.entry["dir"]
+
+    def rows(self) -> dict[str, Any]:
+        return json.loads((self.path / "rows.json").read_text(encoding="utf-8"))
+
+    def open(self, key: str) -> np.ndarray:
+        return np.load(self.path / f"{self.entry['files'][key]}.npy", mmap_mode="r")
+
+    def lengths(self, key: str) -> np.ndarray | None:
+        path = self.path / f"{self.entry['files'][key]}.len.npy"
+        return np.load(path) if path.is_file() else None
+
+
+class StoredArray:
+    """One key over the whole store, read lazily: ``array[rows]`` or ``array[rows, units]`` load only that part.
+
+    Rows follow ``ids`` (the order rows were stored in, or the order asked for). Memory is bounded by what an index
+    selects, so a caller can stream a 20k x 100k key by unit chunks (``array[:, a:b]``) or row chunks.
+    """
+
+    def __init__(self, key: str, places: list[tuple[_Segment, int]], ids: list[str], dtype: str) -> None:
+        self.key, self.ids, self.dtype = key, ids, dtype
+        self._places = places
+        first = places[0][0].open(key) if places else np.zeros((0, 0))
+        self.shape = (len(ids), *first.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        rows, cols = (index if isinstance(index, tuple) else (index, slice(None)))
+        picked = np.arange(len(self.ids))[rows]
+        picked = np.atleast_1d(picked)
+        out = np.empty((len(picked), *np.empty(self.shape[1:])[cols].shape), dtype=np.float32)
+        groups: dict[int, list[tuple[int, int]]] = {}
+        segments = {}
+        for n, r in enumerate(picked):
+            seg, row = self._places[int(r)]
+            groups.setdefault(id(seg), []).append((n, row))
+            segments[id(seg)] = seg
+        for sid, pairs in groups.items():
+            data = segments[sid].open(self.key)
+            where = np.array([p[0] for p in pairs])
+            src = np.array([p[1] for p in pairs])
+            order = np.argsort(src, kind="stable")  # memmaps read fastest in row order
+            out[where[order]] = _from_disk(data[src[order]][(slice(None), cols)], self.dtype)
+        return out if np.ndim(np.arange(len(self.ids))[rows]) else out[0]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        full = self[:]
+        return full if dtype is None else full.astype(dtype)
+
+    def chunks(self, rows: int = 1024) -> Iterator[tuple[list[str], np.ndarray]]:
+        """``(ids, values)`` for consecutive blocks of rows: streaming with memory bounded by one block."""
+        for start in range(0, len(self.ids), rows):
+            yield self.ids[start:start + rows], self[start:start + rows]
 
 
 class ActivationStore:
-    """A directory of activation shards described by a manifest.
+    """A folder of activation segments with a manifest; see the module docstring for the layout.
 
-    ``config`` identifies what was collected (model, checkpoint, dataset hash, sites, positions, dtype,
-    interventions); opening an existing store with a different config is refused instead of mixing data.
+    ``identity`` says what was collected (model, checkpoint, dtype, options, prompts, interventions); opening an
+    existing store with a different identity is refused instead of mixing data.
     """
 
-    def __init__(self, root: str | Path, config: dict[str, Any], dtype: str = "float32") -> None:
+    def __init__(self, root: str | Path, identity: dict[str, Any], dtype: str = "float32") -> None:
+        if dtype not in DTYPES:
+            raise UserError(f"Unknown store dtype '{dtype}'; choose one of {', '.join(DTYPES)}.")
         self.root = Path(root)
-        self.dtype = np.dtype(dtype)
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / MANIFEST
+        identity = json.loads(json.dumps(identity, default=str))
         if path.exists():
-            try:
-                manifest = json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError:
-                raise UserError(f"Activation store manifest {path} is corrupt; delete the folder to start over.") from None
-            if manifest["config"] != json.loads(json.dumps(config, default=str)):
+            manifest = self._read_manifest(path)
+            if manifest.get("identity") != identity:
                 raise UserError(f"The activation store at {self.root} was collected with a different configuration "
-                                "(model, data, sites or interventions); use another --out folder or delete it.")
+                                "(model, prompts or interventions); use another --out folder or delete it.")
             self.manifest = manifest
         else:
-            self.manifest = {"config": config, "dtype": self.dtype.name, "shards": [], "complete": False}
-            _atomic_write_json(path, self.manifest)
-        self._buffer: dict[str, list[np.ndarray]] = {}
+            self.manifest = {"format": FORMAT, "identity": identity, "dtype": dtype, "segments": [],
+                             "complete": False}
+            write_json(path, self.manifest)
+        self.dtype = self.manifest["dtype"]
+        self._buffer: dict[str, list[Any]] = {}
         self._buffer_ids: list[str] = []
+        self._buffer_fps: list[str] = []
+        self._ragged: set[str] = set()
+        self._absent: set[str] = set()
+        self._index: dict[str, dict[str, tuple[_Segment, int, str]]] | None = None
+
+    @staticmethod
+    def _read_manifest(path: Path) -> dict[str, Any]:
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            raise UserError(f"Activation store manifest {path} is corrupt; delete the folder to start over.") from None
+        if manifest.get("format") != FORMAT:
+            raise UserError(f"The activation store at {path.parent} was written by an older lalm-probe (format "
+                            f"{manifest.get('format', 1)}); delete it to collect again.")
+        return manifest
 
     @classmethod
     def open(cls, root: str | Path) -> "ActivationStore":
@@ -59,154 +164,157 @@ class ActivationStore:
         path = Path(root) / MANIFEST
         if not path.exists():
             raise UserError(f"No activation store at {root} (missing {MANIFEST}).")
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-        return cls(root, manifest["config"], manifest["dtype"])
+        manifest = cls._read_manifest(path)
+        return cls(root, manifest["identity"], manifest["dtype"])
 
     @property
-    def config(self) -> dict[str, Any]:
-        return self.manifest["config"]
+    def identity(self) -> dict[str, Any]:
+        return self.manifest["identity"]
 
     @property
     def complete(self) -> bool:
         return bool(self.manifest["complete"])
 
-    def stored_ids(self) -> set[str]:
-        return {i for shard in self.manifest["shards"] for i in shard["ids"]}
-
-    def ids_with(self, keys: Iterable[str]) -> set[str]:
-        """Ids whose rows hold every key (text items, for instance, have no speech-encoder keys)."""
-        wanted = set(keys)
-        return {i for shard in self.manifest["shards"] if wanted <= set(shard["keys"]) for i in shard["ids"]}
-
-    def add(self, ids: Sequence[str], arrays: dict[str, np.ndarray]) -> None:
-        """Buffer rows; ``flush`` writes them as one shard (rows with other keys, e.g. text items without
-        speech-encoder sites, start a new shard)."""
-        if self._buffer_ids and set(arrays) != set(self._buffer):
+    # ---- writing -----------------------------------------------------------------------------------
+    def add(self, ids: Sequence[str], arrays: dict[str, Any], fingerprints: Sequence[str] | None = None,
+            absent: Sequence[str] = ()) -> None:
+        """Buffer rows; a value is an array ``(rows, ...)`` or, for a ragged key, a list of ``(positions, ...)``
+        arrays. ``absent``: keys asked for that these rows cannot have (a text item never reaches a speech
+        encoder), recorded so they are not collected again. Rows with other keys start a new segment."""
+        if self._buffer_ids and (set(arrays) != set(self._buffer) or set(absent) != self._absent):
             self.flush()
-        for key, arr in arrays.items():
-            if len(arr) != len(ids):
-                raise ValueError(f"{key}: {len(arr)} rows for {len(ids)} ids")
-            self._buffer.setdefault(key, []).append(np.asarray(arr, dtype=self.dtype))
+        self._absent = set(absent)
+        for key, value in arrays.items():
+            if len(value) != len(ids):
+                raise ValueError(f"{key}: {len(value)} rows for {len(ids)} ids")
+            if isinstance(value, list):
+                self._ragged.add(key)
+            self._buffer.setdefault(key, []).extend(value if isinstance(value, list) else [value])
         self._buffer_ids.extend(ids)
+        self._buffer_fps.extend(fingerprints or [""] * len(ids))
 
     @property
     def buffered(self) -> int:
         return len(self._buffer_ids)
 
     def flush(self) -> None:
-        """Write buffered rows as a shard, then record it in the manifest (in that order)."""
+        """Write buffered rows as a segment, then record it in the manifest (in that order)."""
         if not self._buffer_ids:
             return
-        name = f"shard-{len(self.manifest['shards']):05d}.npz"
-        tmp = self.root / (name + ".tmp.npz")
-        arrays = {f"a{i}": np.concatenate(v) for i, v in enumerate(self._buffer.values())}
-        np.savez(tmp, ids=np.array(self._buffer_ids), **arrays)
-        os.replace(tmp, self.root / name)
-        self.manifest["shards"].append({"file": name, "ids": list(self._buffer_ids),
-                                        "keys": {k: f"a{i}" for i, k in enumerate(self._buffer)}})
-        _atomic_write_json(self.root / MANIFEST, self.manifest)
-        self._buffer, self._buffer_ids = {}, []
+        name = f"segments/{len(self.manifest['segments']):05d}"
+        tmp = temp_dir_for(self.root / name)
+        files: dict[str, str] = {}
+        try:
+            for i, (key, parts) in enumerate(self._buffer.items()):
+                stem = f"k{i:04d}"
+                files[key] = stem
+                np.save(tmp / f"{stem}.npy", _to_disk(np.concatenate(parts), self.dtype))
+                if key in self._ragged:  # one entry per row, of its own length
+                    np.save(tmp / f"{stem}.len.npy", np.array([len(p) for p in parts], dtype=np.int64))
+            write_json(tmp / "rows.json", {"ids": self._buffer_ids, "fingerprints": self._buffer_fps,
+                                           "absent": sorted(self._absent)})
+            publish_dir(tmp, self.root / name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.manifest["segments"].append({"dir": name, "rows": len(self._buffer_ids), "files": files})
+        self.manifest["complete"] = False
+        write_json(self.root / MANIFEST, self.manifest)
+        self._buffer, self._buffer_ids, self._buffer_fps = {}, [], []
+        self._ragged, self._absent = set(), set()
+        self._index = None
 
     def mark_complete(self) -> None:
         self.flush()
         self.manifest["complete"] = True
-        _atomic_write_json(self.root / MANIFEST, self.manifest)
+        write_json(self.root / MANIFEST, self.manifest)
+
+    # ---- parts of a sharded collection --------------------------------------------------------------
+    def part(self, k: int, n: int) -> "ActivationStore":
+        """The store shard k of N writes (same identity, its own folder)."""
+        return ActivationStore(self.root / "parts" / f"{k}-of-{n}", self.identity, self.dtype)
+
+    def _segments(self) -> list[_Segment]:
+        segs = [_Segment(self.root, e) for e in self.manifest["segments"]]
+        for path in sorted((self.root / "parts").glob("*/" + MANIFEST)):
+            part = self._read_manifest(path)
+            if part.get("identity") == self.identity:
+                segs += [_Segment(path.parent, e) for e in part["segments"]]
+        return segs
+
+    # ---- reading -----------------------------------------------------------------------------------
+    def _rows(self) -> dict[str, dict[str, tuple[_Segment | None, int, str]]]:
+        """key -> id -> (segment, row, fingerprint), segment None where the key is absent for that item; later
+        segments override earlier ones."""
+        if self._index is None:
+            index: dict[str, dict[str, tuple[_Segment | None, int, str]]] = {}
+            self._ids: dict[str, None] = {}
+            for seg in self._segments():
+                rows = seg.rows()
+                self._ids.update(dict.fromkeys(rows["ids"]))
+                for key, where in [(k, seg) for k in seg.entry["files"]] + [(k, None) for k in rows["absent"]]:
+                    table = index.setdefault(key, {})
+                    for r, (i, fp) in enumerate(zip(rows["ids"], rows["fingerprints"])):
+                        table[i] = (where, r, fp)
+            self._index = index
+        return self._index
+
+    def _held(self, key: str) -> dict[str, tuple[_Segment, int, str]]:
+        return {i: v for i, v in self._rows().get(key, {}).items() if v[0] is not None}
 
     def keys(self) -> list[str]:
-        return list(dict.fromkeys(k for s in self.manifest["shards"] for k in s["keys"]))
+        return [k for k in self._rows() if self._held(k)]
+
+    def stored_ids(self) -> set[str]:
+        """Every id the store has rows for (whatever keys they hold)."""
+        self._rows()
+        return set(self._ids)
+
+    def ids_with(self, keys: Iterable[str]) -> set[str]:
+        """Ids whose rows hold every key (text items, for instance, have no speech-encoder keys)."""
+        tables = [self._held(k) for k in keys]
+        return set.intersection(*(set(t) for t in tables)) if tables else set()
+
+    def missing(self, keys: Sequence[str], fingerprints: dict[str, str]) -> list[str]:
+        """Ids (of ``fingerprints``, in its order) lacking a current row for some key: what must be collected."""
+        tables = [self._rows().get(k, {}) for k in keys]
+        return [i for i, fp in fingerprints.items() if any(t.get(i, (None, 0, None))[2] != fp for t in tables)]
+
+    def array(self, key: str, order: Sequence[str] | None = None) -> StoredArray:
+        """One key as a lazy array, rows in ``order`` (default: stored order)."""
+        table = self._held(key)
+        if not table:
+            raise UserError(f"The activation store has no '{key}'; it holds: {', '.join(self.keys()) or 'nothing'}.")
+        ids = list(table) if order is None else list(order)
+        lacking = [i for i in ids if i not in table]
+        if lacking:
+            raise UserError(f"The activation store lacks {len(lacking)} of the requested items for {key}, "
+                            f"e.g. '{lacking[0]}'.")
+        if any(table[i][0].lengths(key) is not None for i in ids[:1]):
+            raise UserError(f"'{key}' holds every position of each item; read it with ragged().")
+        return StoredArray(key, [(table[i][0], table[i][1]) for i in ids], ids, self.dtype)
+
+    def ragged(self, key: str, order: Sequence[str]) -> list[np.ndarray]:
+        """A ragged key (every position of each item): one ``(positions, ...)`` array per id of ``order``."""
+        table = self._held(key)
+        out = []
+        for i in order:
+            if i not in table:
+                raise UserError(f"The activation store has no '{key}' for item '{i}'.")
+            seg, row, _ = table[i]
+            lengths = seg.lengths(key)
+            if lengths is None:
+                raise UserError(f"'{key}' holds one value per item; read it with array().")
+            start = int(lengths[:row].sum())
+            out.append(_from_disk(seg.open(key)[start:start + int(lengths[row])], self.dtype))
+        return out
 
     def load(self, keys: Iterable[str] | None = None, order: Sequence[str] | None = None
              ) -> tuple[list[str], dict[str, np.ndarray]]:
-        """Read rows back as ``(ids, {key: array})``; ``order`` (a list of ids) fixes the row order."""
+        """Read whole keys into memory as ``(ids, {key: array})``; ``order`` fixes the rows (default: the ids
+        every key holds, in the first key's stored order)."""
         wanted = list(keys) if keys is not None else self.keys()
-        missing_keys = [k for k in wanted if k not in self.keys()]
-        if missing_keys:
-            raise UserError(f"The activation store has no '{missing_keys[0]}'; it holds: {', '.join(self.keys())}.")
-        ids: list[str] = []
-        parts: dict[str, list[np.ndarray]] = {k: [] for k in wanted}
-        for shard in self.manifest["shards"]:
-            present = [k for k in wanted if k in shard["keys"]]
-            if not present:
-                continue  # rows of another kind (e.g. text items when speech-encoder keys are asked for)
-            if len(present) < len(wanted):
-                absent = next(k for k in wanted if k not in shard["keys"])
-                raise UserError(f"Items such as '{shard['ids'][0]}' have no '{absent}' (their inputs never reach "
-                                f"that site), so it cannot be loaded together with '{present[0]}'.")
-            with np.load(self.root / shard["file"]) as data:
-                ids.extend(str(i) for i in data["ids"])
-                for k in wanted:
-                    parts[k].append(data[shard["keys"][k]])
-        arrays = {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in parts.items()}
-        if order is not None:
-            where = {i: n for n, i in enumerate(ids)}
-            missing = [i for i in order if i not in where]
-            if missing:
-                raise UserError(f"The activation store lacks {len(missing)} of the requested items for "
-                                f"{wanted[0] if wanted else 'these keys'}, e.g. '{missing[0]}'.")
-            idx = np.array([where[i] for i in order], dtype=int)
-            arrays = {k: v[idx] for k, v in arrays.items()}
-            ids = list(order)
-        return ids, arrays
-
-
-class OutputStore:
-    """Generated outputs as JSON lines (``{"id", "output", ...}``), appended per batch and resumable.
-
-    Lines go to ``<name>.partial`` while the run is going; the file gets its final name only when every item
-    is in, so a file called ``outputs.jsonl`` is always complete.
-    """
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.partial = self.path.with_name(self.path.name + ".partial")
-        if self.partial.is_file():  # drop a line an interruption cut short, so appends start clean
-            kept = self._rows(self.partial)
-            self.partial.write_text("".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in kept),
-                                    encoding="utf-8")
-
-    @property
-    def complete(self) -> bool:
-        return self.path.is_file()
-
-    def _rows(self, path: Path) -> list[dict[str, Any]]:
-        rows = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a line cut short by an interruption; it is generated again
-        return rows
-
-    def stored_ids(self) -> set[str]:
-        path = self.path if self.complete else self.partial
-        return {r["id"] for r in self._rows(path)} if path.is_file() else set()
-
-    def add(self, rows: Sequence[dict[str, Any]]) -> None:
-        if self.complete:
-            raise UserError(f"{self.path} is already complete; use another --out folder to generate again.")
-        with open(self.partial, "a", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-
-    def mark_complete(self, order: Sequence[str]) -> None:
-        """Rewrite in dataset order under the final name."""
-        rows = {r["id"]: r for r in self._rows(self.partial)} if self.partial.is_file() else {}
-        missing = [i for i in order if i not in rows]
-        if missing:
-            raise UserError(f"{len(missing)} items have no output (e.g. '{missing[0]}'); the run is incomplete.")
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(rows[i], ensure_ascii=False, default=str) + "\n" for i in order),
-                       encoding="utf-8")
-        os.replace(tmp, self.path)
-        self.partial.unlink(missing_ok=True)
-
-    def load(self, order: Sequence[str] | None = None) -> list[dict[str, Any]]:
-        if not self.complete:
-            raise UserError(f"{self.path} was not completed; rerun with the same --out to finish it.")
-        rows = self._rows(self.path)
         if order is None:
-            return rows
-        by_id = {r["id"]: r for r in rows}
-        return [by_id[i] for i in order]
+            common = self.ids_with(wanted)
+            first = self._held(wanted[0]) if wanted else {}
+            order = [i for i in first if i in common]
+        return list(order), {k: np.asarray(self.array(k, order)) for k in wanted}

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from lalm_probe.core.data import Dataset
-from lalm_probe.core.plugin import Analysis, Requirements
+from lalm_probe.core.errors import UserError
+from lalm_probe.core.plugin import Analysis, Requirements, Stores
 from lalm_probe.core.registry import hookimpl
 from lalm_probe.core.results import Result, Table
+from lalm_probe.core.view import ModelView
 
 
 @dataclass
@@ -29,12 +31,16 @@ class Generate(Analysis):
     label: str = "language"  # compared with the model's identified language when both exist
     show: int = 10  # outputs printed per run
 
-    def requirements(self, session: Any, dataset: Dataset) -> Requirements:
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise UserError(f"generate: max_new_tokens must be at least 1, not {self.max_new_tokens}.")
+
+    def requirements(self, model: ModelView, dataset: Dataset) -> Requirements:
         return Requirements(sites=[], generate=self.max_new_tokens)
 
-    def analyze(self, session: Any, dataset: Dataset, stores: dict[str, Any]) -> Result:
+    def analyze(self, model: ModelView, dataset: Dataset, stores: Stores) -> Result:
         ids = [it.id for it in dataset]
-        runs = {name.split(":")[0]: stores[name].load(order=ids) for name in stores if name.endswith(":outputs")}
+        runs = {name: store.load(order=ids) for name, store in stores.outputs()}
         labels = {it.id: it.labels.get(self.label) for it in dataset}
         result = Result(summary={"items": len(ids)})
         for name, rows in runs.items():
@@ -52,7 +58,7 @@ class Generate(Analysis):
             result.tables.append(Table(f"Outputs ({name}, first {self.show})", [
                 {"id": r["id"], self.label: labels[r["id"]], **{k: v for k, v in r.items() if k != "id"}}
                 for r in rows[: self.show]]))
-        if "intervened" in runs:
+        if "intervened" in runs and "baseline" in runs:
             pairs = list(zip(runs["baseline"], runs["intervened"]))
             result.summary["outputs changed by the intervention"] = sum(a["output"] != b["output"] for a, b in pairs)
             if any("language" in a for a, _ in pairs):

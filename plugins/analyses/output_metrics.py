@@ -35,7 +35,6 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 import regex
-
 from lalm_probe.core.errors import UserError
 
 Script = Literal["latin", "cjk"]

@@ -10,17 +10,17 @@ from __future__ import annotations
 from typing import Any, Iterable, Sequence
 
 import numpy as np
-
 from lalm_probe.core.data import Dataset, Stimulus
 from lalm_probe.core.errors import UserError, unknown_name
+from lalm_probe.core.view import ModelView
 
 Layer = int | str  # a layer index, or the name of a stack-level extra (e.g. "adaptor")
 
 
-def resolve_stack(session: Any, stack: str | None) -> str:
+def resolve_stack(model: ModelView, stack: str | None) -> str:
     """The requested stack, else the model's lens stack (its LM / text decoder), else its first stack."""
-    resolved = session.plugin.resolved
-    name = stack or getattr(session.plugin, "lens_stack", None) or next(iter(resolved), None)
+    resolved = model.resolved
+    name = stack or model.lens_stack or next(iter(resolved), None)
     if name is None:
         raise UserError("The model declares no layer stacks to analyse.")
     if name not in resolved:
@@ -28,18 +28,18 @@ def resolve_stack(session: Any, stack: str | None) -> str:
     return name
 
 
-def layer_sites(session: Any, stack: str, site: str) -> list[tuple[Layer, str]]:
+def layer_sites(model: ModelView, stack: str, site: str) -> list[tuple[Layer, str]]:
     """``(layer, site)`` for every layer of ``stack`` at component ``site``, or one entry for an extra."""
-    st = session.plugin.resolved[stack]
+    st = model.resolved[stack]
     if site in st.extras:
         return [(site, f"{stack}.{site}")]
-    if site not in st.spec.components:
+    if site not in st.paths:
         raise UserError(f"Stack '{stack}' has no component or extra '{site}'; components: "
-                        f"{', '.join(st.spec.components)}; extras: {', '.join(st.extras) or 'none'}.")
+                        f"{', '.join(st.paths)}; extras: {', '.join(st.extras) or 'none'}.")
     return [(i, f"{stack}.{i}.{site}") for i in range(st.num_layers)]
 
 
-def resolve_position(session: Any, stack: str, position: str) -> str:
+def resolve_position(model: ModelView, stack: str, position: str) -> str:
     """``position`` as given; ``auto`` is ``last`` on an LM or decoder and ``mean`` on an encoder.
 
     An LM / decoder (the model's lens stack, a stack with an unembedding, or one that runs per decode step) is
@@ -49,10 +49,7 @@ def resolve_position(session: Any, stack: str, position: str) -> str:
     """
     if position != "auto":
         return position
-    st = session.plugin.resolved[stack]
-    causal = (stack == getattr(session.plugin, "lens_stack", None) or getattr(st, "unembed", None) is not None
-              or st.spec.runs == "per_step")
-    return "last" if causal else "mean"
+    return "last" if model.causal(stack) else "mean"
 
 
 def auto_position_note(stack: str, position: str) -> str:
@@ -61,21 +58,19 @@ def auto_position_note(stack: str, position: str) -> str:
             "so its last position is only the end of the clip); pass position=last to read that instead.")
 
 
-def text_side_missing(session: Any, dataset: Dataset) -> str | None:
+def text_side_missing(model: ModelView, dataset: Dataset) -> str | None:
     """Why no text item can stand beside the speech (None when the data hold text items)."""
     if any(modality_of(it) == "text" for it in dataset):
         return None
-    plugin = session.plugin
-    modalities = getattr(plugin, "modalities", None)
-    if modalities is not None and "text" not in modalities:
-        return (f"'{plugin.name}' takes speech input only and has no text encoder, so a sentence has no "
+    if "text" not in model.modalities:
+        return (f"'{model.name}' takes speech input only and has no text encoder, so a sentence has no "
                 "text-side representation to compare its speech with")
     return "the data hold no text items (modality=text) to pair with the speech by semantic_id"
 
 
-def site_pattern(session: Any, stack: str, site: str) -> str:
+def site_pattern(model: ModelView, stack: str, site: str) -> str:
     """The pattern the engine expands: ``stack.*.site`` for a per-layer component, ``stack.extra`` otherwise."""
-    st = session.plugin.resolved[stack]
+    st = model.resolved[stack]
     return f"{stack}.{site}" if site in st.extras else f"{stack}.*.{site}"
 
 

@@ -13,6 +13,7 @@ from typing import ClassVar
 from lalm_probe.core.errors import UserError
 from lalm_probe.core.plugin import Edit, Intervention
 from lalm_probe.core.registry import hookimpl
+from lalm_probe.core.view import ModelView
 
 
 @dataclass
@@ -26,12 +27,12 @@ class AudioMask(Intervention):
     stack: str | None = None  # default: the model's lens stack (the LM)
     component: str = "attn"
 
-    def edits(self, session) -> list[Edit]:
-        stack = self.stack or session.plugin.lens_stack
-        if stack not in session.plugin.resolved:
+    def edits(self, model: ModelView) -> list[Edit]:
+        stack = self.stack or model.lens_stack
+        if stack not in model.resolved:
             raise UserError(f"audio-mask: the model has no stack '{stack}'.")
-        st = session.plugin.resolved[stack]
-        if self.component not in st.spec.components:
+        st = model.resolved[stack]
+        if self.component not in st.paths:
             raise UserError(f"audio-mask: stack '{stack}' has no '{self.component}' component.")
         layers = self.layers if self.layers is not None else range(st.num_layers)
         return [Edit(site=f"{stack}.{layer}.{self.component}", op="block_attention", positions=self.position,

@@ -45,6 +45,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from lalm_probe.core import languages
 from lalm_probe.core.data import Stimulus
 from lalm_probe.core.errors import PluginError, UserError
 from lalm_probe.core.model import ModelPlugin, Prepared, Prompt
@@ -54,19 +55,6 @@ from lalm_probe.core.stacks import Stack
 from lalm_probe.core.templates import bart_layer, conformer_layer, cross_kv_layer
 from lalm_probe.core.vocab import Component
 
-# ISO 639-1 (what this project's language labels use) -> Seamless (ISO 639-3, with Seamless's macro-language choices).
-ISO1_TO_SEAMLESS = {
-    "en": "eng", "fr": "fra", "de": "deu", "es": "spa", "zh": "cmn", "ja": "jpn", "id": "ind", "it": "ita",
-    "ko": "kor", "ru": "rus", "vi": "vie", "pt": "por", "nl": "nld", "ar": "arb", "hi": "hin", "tr": "tur",
-    "pl": "pol", "uk": "ukr", "cs": "ces", "sv": "swe", "fi": "fin", "da": "dan", "el": "ell", "he": "heb",
-    "hu": "hun", "ro": "ron", "th": "tha", "bn": "ben", "fa": "pes", "ur": "urd", "ta": "tam", "te": "tel",
-    "sw": "swh", "ca": "cat", "et": "est", "ms": "zsm", "tl": "tgl", "bg": "bul", "sk": "slk", "sl": "slv",
-    "hr": "hrv", "sr": "srp", "lt": "lit", "lv": "lvs", "mt": "mlt", "cy": "cym", "ga": "gle", "is": "isl",
-}
-LANGUAGE_NAMES = {"english": "eng", "french": "fra", "german": "deu", "spanish": "spa", "chinese": "cmn",
-                  "mandarin": "cmn", "japanese": "jpn", "indonesian": "ind", "italian": "ita", "korean": "kor",
-                  "russian": "rus", "vietnamese": "vie", "portuguese": "por", "dutch": "nld", "arabic": "arb",
-                  "hindi": "hin", "turkish": "tur", "polish": "pol", "ukrainian": "ukr"}
 TINY_LANGS = ("eng", "fra", "deu", "spa", "cmn", "jpn", "ind", "ita", "kor", "rus", "vie")
 
 NLLB_LAYER = dict(mlp_norm="ffn_layer_norm", fc1="ffn.fc1", fc2="ffn.fc2", mlp="ffn")
@@ -190,9 +178,8 @@ class SeamlessM4Tv2(ModelPlugin):
                                 f"add the label or set {option} to a language code, e.g. {option}=eng.")
             text = str(item.labels[key]).strip()
         code = text.strip("_").lower()
-        if len(code) > 3 and code[2:3] in ("-", "_") and code[:2] in ISO1_TO_SEAMLESS:
-            code = code[:2]  # a regional tag such as zh-CN or en_US
-        code = ISO1_TO_SEAMLESS.get(code, LANGUAGE_NAMES.get(code, code))
+        known = languages.find(code)  # ISO 639-1, a name or a regional tag such as zh-CN -> Seamless's ISO 639-3
+        code = known.iso3 if known else code
         supported = sorted(self.target_languages) if role == "target" else self._supported_sources()
         if code not in supported:
             raise UserError(f"Model '{self.name}' ({self.checkpoint}) has no {role} language '{text}' "
@@ -211,7 +198,7 @@ class SeamlessM4Tv2(ModelPlugin):
         if key != "language":
             return None
         supported = self.target_languages
-        words = {iso1: f"__{code}__" for iso1, code in ISO1_TO_SEAMLESS.items() if code in supported}
+        words = {lang.iso1: f"__{lang.iso3}__" for lang in languages.LANGUAGES if lang.iso3 in supported}
         words.update({code: f"__{code}__" for code in supported})
         return words
 

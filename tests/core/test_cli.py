@@ -55,8 +55,9 @@ def test_run_with_interventions_saves_specs_and_both_stores(capsys, tmp_path, ge
     assert code == 0, text
     record = json.loads((out / "run.json").read_text())
     assert record["interventions"][0] == {"name": "layer-enrich", "params": {
-        "layer": 1, "gap": 5, "scale": 2.0, "select": "score", "seed": 0, "probe_size": 100, "position": "last",
-        "stack": None}}
+        "layer": 1, "gap": 5, "scale": 2.0, "select": "score", "seed": 0, "probe_size": 100, "split": "stratified",
+        "split_seed": 0, "position": "last", "stack": None, "random_layers": None}}
+    assert set(record["stores"]) == {"baseline", "intervened"}
     assert record["interventions"][1]["params"]["layers"] == [0, 1, 2]
     results = json.loads((out / "results.json").read_text())
     assert "accuracy (intervened @last)" in results["summary"]

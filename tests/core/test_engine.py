@@ -1,15 +1,13 @@
-"""Engine behaviour on the tiny Qwen2-Audio: lens math, resumable collection, edits and decode steps."""
+"""Engine behaviour on the tiny Qwen2-Audio: lens math, edits and decode steps."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 from lalm_probe.core.data import Dataset, Stimulus
 from lalm_probe.core.errors import UserError
 from lalm_probe.core.plugin import Edit
-from lalm_probe.core.store import ActivationStore
 
 from helpers import SR, tone
 
@@ -27,45 +25,6 @@ def test_lens_equals_unembed_of_norm_by_hand(qwen_session):
     torch.testing.assert_close(qwen_session.lens(h, norm=True), by_hand)
     torch.testing.assert_close(qwen_session.lens(h, norm=False), model.lm_head(h))
     assert not torch.allclose(by_hand, model.lm_head(h))  # the two modes really differ
-
-
-def _collect(session, ds, root, **kw):
-    store = ActivationStore(root, {"test": ds.fingerprint()})
-    return session.collect(ds, ["lm.*.out"], ["last", "mean"], store, batch_size=3, shard_rows=3, **kw)
-
-
-def test_resume_after_interruption_equals_uninterrupted(qwen_session, tmp_path, monkeypatch):
-    ds = dataset()
-    full_ids, full = _collect(qwen_session, ds, tmp_path / "full").load(order=[it.id for it in ds])
-
-    calls = {"n": 0}
-    real_run = qwen_session.tracer.run
-
-    def dies_on_third_batch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_run(*args, **kwargs)
-
-    monkeypatch.setattr(qwen_session.tracer, "run", dies_on_third_batch)
-    with pytest.raises(KeyboardInterrupt):
-        _collect(qwen_session, ds, tmp_path / "resumed")
-    partial = ActivationStore.open(tmp_path / "resumed")
-    assert not partial.complete and len(partial.stored_ids()) == 6  # two finished shards survive
-    monkeypatch.setattr(qwen_session.tracer, "run", real_run)
-    resumed = _collect(qwen_session, ds, tmp_path / "resumed")
-    ids, arrays = resumed.load(order=[it.id for it in ds])
-    assert resumed.complete and ids == full_ids
-    raw_ids = [i for s in resumed.manifest["shards"] for i in s["ids"]]
-    assert len(raw_ids) == len(set(raw_ids)) == len(ds)  # nothing lost, nothing duplicated
-    for key in full:
-        np.testing.assert_array_equal(arrays[key], full[key])
-
-
-def test_store_refuses_a_different_configuration(tmp_path):
-    ActivationStore(tmp_path, {"model": "a"})
-    with pytest.raises(UserError, match="different configuration"):
-        ActivationStore(tmp_path, {"model": "b"})
 
 
 def test_add_edit_changes_target_and_later_layers_only(qwen_session):
@@ -178,18 +137,11 @@ def test_step_positions_need_a_per_step_stack(qwen_session):
         qwen_session.generate(dataset(1).items, 2, ["lm.0.out"], ["step:0"])
 
 
-def test_outputs_stop_at_end_of_sequence_with_edits_at_every_step(qwen_session, tmp_path):
-    from lalm_probe.core.store import OutputStore
-
-    data = dataset(3)
-    plain = qwen_session.write_outputs(data, OutputStore(tmp_path / "a.jsonl"), 6, batch_size=2).load()
-    model = qwen_session.plugin.model
-    prepared = qwen_session.prepare(data.items[:2])
-    with torch.no_grad():
-        ids = model.generate(**prepared.inputs, max_new_tokens=6, do_sample=False)
-    assert [r["output"] for r in plain[:2]] == [o["output"] for o in qwen_session.plugin.decode_outputs(ids, prepared)]
-    vec = 5 * torch.ones(model.config.text_config.hidden_size)
-    edited = qwen_session.write_outputs(data, OutputStore(tmp_path / "b.jsonl"), 6, batch_size=2, edits=[
-        Edit(site="lm.4.out", op="add", positions="last", value=vec)]).load()
-    assert [r["id"] for r in edited] == [it.id for it in data]
-    assert not (tmp_path / "b.jsonl.partial").exists()
+def test_an_edit_limited_to_some_items_leaves_the_others_alone(qwen_session):
+    items = dataset(3).items
+    clean = qwen_session.run(items, ["lm.5.out"], ["last"])["lm.5.out@last"]
+    vec = torch.ones(qwen_session.width("lm.3.out"))
+    edited = qwen_session.run(items, ["lm.5.out"], ["last"], edits=[
+        Edit(site="lm.3.out", op="add", positions="last", value=vec, items=["x1"])])["lm.5.out@last"]
+    torch.testing.assert_close(edited[[0, 2]], clean[[0, 2]])
+    assert not torch.allclose(edited[1], clean[1])

@@ -9,7 +9,7 @@ from lalm_probe.core.errors import UserError
 from lalm_probe.core.languages import (LANGUAGES, english_name, espeak_voice, espeak_voices, find, label_code, to_iso1,
                                        to_iso3)
 
-# What plugins/models/seamless_m4t_v2.py maps today (ISO1_TO_SEAMLESS, LANGUAGE_NAMES): the table must cover it.
+# What the SeamlessM4T v2 plugin mapped before it used this table (ISO 639-1 and English names): still covered.
 SEAMLESS = {
     "en": "eng", "fr": "fra", "de": "deu", "es": "spa", "zh": "cmn", "ja": "jpn", "id": "ind", "it": "ita",
     "ko": "kor", "ru": "rus", "vi": "vie", "pt": "por", "nl": "nld", "ar": "arb", "hi": "hin", "tr": "tur",

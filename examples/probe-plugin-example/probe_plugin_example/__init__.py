@@ -7,15 +7,17 @@ names its class directly; the analysis and the intervention come through a modul
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 
-from lalm_probe.core.plugin import Analysis, Edit, Intervention, Requirements
+from lalm_probe.core.data import Dataset
+from lalm_probe.core.plugin import Analysis, Edit, Intervention, Requirements, Stores
 from lalm_probe.core.registry import hookimpl
 from lalm_probe.core.results import Result, Table
 from lalm_probe.core.stacks import Stack
 from lalm_probe.core.templates import decoder_layer
+from lalm_probe.core.view import ModelView
 from lalm_probe.plugins.models.qwen2audio import Qwen2Audio
 
 
@@ -38,15 +40,16 @@ class Norms(Analysis):
     description: ClassVar[str] = "Example: L2 norm of each layer's output at the last position"
     stack: str = "lm"
 
-    def requirements(self, session: Any, dataset: Any) -> Requirements:
+    def requirements(self, model: ModelView, dataset: Dataset) -> Requirements:
         return Requirements(sites=[f"{self.stack}.*.out"], positions=["last"])
 
-    def analyze(self, session: Any, dataset: Any, stores: dict[str, Any]) -> Result:
-        n = session.plugin.resolved[self.stack].num_layers
+    def analyze(self, model: ModelView, dataset: Dataset, stores: Stores) -> Result:
+        n = model.resolved[self.stack].num_layers
+        ids = [it.id for it in dataset]
         result = Result()
-        for name, store in stores.items():
-            _, arrays = store.load([f"{self.stack}.{i}.out@last" for i in range(n)])
-            norms = np.array([np.linalg.norm(arrays[f"{self.stack}.{i}.out@last"], axis=1).mean() for i in range(n)])
+        for name, store in stores.activations():
+            norms = np.array([np.linalg.norm(store.array(f"{self.stack}.{i}.out@last", ids)[:], axis=1).mean()
+                              for i in range(n)])
             result.arrays[f"{name}/norms"] = norms
             result.summary[f"mean norm ({name})"] = float(norms.mean())
             result.tables.append(Table(f"Norm per layer ({name})", [{"layer": i, "norm": v} for i, v in enumerate(norms)]))
@@ -61,10 +64,10 @@ class ShiftLayer(Intervention):
     amount: float = 1.0
     stack: str = "lm"
 
-    def edits(self, session: Any) -> list[Edit]:
+    def edits(self, model: ModelView) -> list[Edit]:
         site = f"{self.stack}.{self.layer}.out"
         return [Edit(site=site, op="add", positions="all",
-                     value=np.full(session.width(site), self.amount, dtype=np.float32))]
+                     value=np.full(model.width(site), self.amount, dtype=np.float32))]
 
 
 @hookimpl

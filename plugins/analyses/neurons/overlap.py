@@ -30,11 +30,10 @@ from dataclasses import dataclass
 from typing import Hashable, Literal, Mapping, Sequence, Set
 
 import numpy as np
-from scipy.stats import spearmanr
-
 from lalm_probe.core.errors import UserError
 from lalm_probe.plugins.analyses.neurons.selection import ranking
 from lalm_probe.plugins.analyses.neurons.table import ExpertiseTable
+from scipy.stats import spearmanr
 
 Definition = Literal["trace_sum", "mean_ratio"]
 DEFINITIONS: tuple[str, ...] = ("trace_sum", "mean_ratio")

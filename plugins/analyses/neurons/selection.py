@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Iterable, Literal
 
 import numpy as np
-
 from lalm_probe.core.errors import UserError
 from lalm_probe.plugins.analyses.neurons.table import ExpertiseTable
 

@@ -20,7 +20,6 @@ from os import PathLike
 from typing import Mapping
 
 import numpy as np
-
 from lalm_probe.core.errors import UserError
 from lalm_probe.plugins.analyses.neurons.expertise import Expertise
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -34,8 +33,9 @@ import pytest
 from lalm_probe.core import cli
 from lalm_probe.core.data import Dataset, Stimulus
 from lalm_probe.core.errors import UserError
-from lalm_probe.core.model import ResolvedStack, Stack
 from lalm_probe.plugins.analyses import reps
+
+from helpers import stub_view
 
 LANGS = ["de", "en", "fr"]
 SENTENCES = [f"s0{i}" for i in range(1, 9)]
@@ -78,16 +78,8 @@ def _offline_base() -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
-    """clusters through ``probe run``; svcca and hub on the store it collected."""
+    """clusters through ``probe run``; svcca and hub through ``probe analyze`` on the store it collected."""
     _offline_base()
-    from lalm_probe.core.data import resolve_dataset
-    from lalm_probe.core.engine import Session
-    from lalm_probe.core.registry import discover
-    from lalm_probe.core.results import render, write_result
-    from lalm_probe.core.run import build_spec
-    from lalm_probe.core.store import ActivationStore
-    from lalm_probe.plugins.models.whisper import Whisper
-
     out = tmp_path_factory.mktemp("whisper-clusters")
     with cli.console.capture() as cap:
         code = cli.main(["run", "--model", "whisper", "--checkpoint", "offline:base", "--analysis", CLUSTERS,
@@ -96,23 +88,13 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
     done = {"clusters": Run(out, cap.get())}
     record = json.loads((out / "run.json").read_text())
     assert record["status"] == "complete" and record["dataset"]["evaluated_items"] == N
-
-    registry = discover()
-    session = Session(Whisper.load("offline:base"))
-    dataset = resolve_dataset(DATA, registry.dataset_sources())
-    dataset = Dataset([it for it in dataset if session.plugin.accepts(it)], name=dataset.name)
-    store = ActivationStore.open(out / "store" / "baseline")
-    assert store.complete and store.stored_ids() == {it.id for it in dataset}
+    segments = sorted(p.name for p in (out / "store").glob("*/segments/*"))
     for name, spec in (("svcca", SVCCA), ("hub", HUB)):
-        analysis = build_spec(registry, "analysis", spec)
-        req = analysis.requirements(session, dataset)
-        assert req.sites == store.config["sites"] and req.positions == store.config["positions"]
-        result = analysis.analyze(session, dataset, {"baseline": store})
-        folder = tmp_path_factory.mktemp(f"whisper-{name}")
-        write_result(result, folder)
         with cli.console.capture() as cap:
-            render(result, cli.console, f"{name} on whisper")
-        done[name] = Run(folder, cap.get())
+            assert cli.main(["analyze", str(out), "--analysis", spec]) == 0
+        done[name] = Run(out / "analyses" / name, cap.get())
+    # both read the encoder's mean states the clusters run collected: nothing was collected again
+    assert sorted(p.name for p in (out / "store").glob("*/segments/*")) == segments
     return done
 
 
@@ -211,13 +193,9 @@ def test_cross_modal_svcca_on_whisper_is_refused_before_collection(tmp_path, cap
 
 
 # ---- the rules, without weights ----------------------------------------------------------------------
-def _session(modalities: tuple[str, ...] = ("speech",)) -> SimpleNamespace:
-    resolved = {"encoder": ResolvedStack(Stack("encoder", layers=("e",)), "e", 2, None, None, {}),
-                "decoder": ResolvedStack(Stack("decoder", layers=("d",), runs="per_step"), "d", 2, None,
-                                         "proj_out", {}),
-                "lm": ResolvedStack(Stack("lm", layers=("l",)), "l", 2, None, None, {})}
-    return SimpleNamespace(plugin=SimpleNamespace(name="whisper", resolved=resolved, lens_stack="lm",
-                                                  modalities=modalities))
+def _session(modalities: tuple[str, ...] = ("speech",)):
+    return stub_view({"encoder": 2, "decoder": {"layers": 2, "runs": "per_step", "unembed": "proj_out"}, "lm": 2},
+                     lens_stack="lm", modalities=modalities, name="whisper")
 
 
 def test_auto_position_is_the_mean_on_encoders_and_the_last_position_on_decoders() -> None:
@@ -234,8 +212,8 @@ def test_text_side_missing_names_the_speech_only_model() -> None:
     assert "'whisper' takes speech input only" in reps.text_side_missing(_session(), Dataset(speech))
     assert "no text items" in reps.text_side_missing(_session(("speech", "text")), Dataset(speech))
     assert reps.text_side_missing(_session(("speech", "text")), Dataset(speech + text)) is None
-    from lalm_probe.plugins.analyses.hub import Hub
-    from lalm_probe.plugins.analyses.svcca import SVCCAAnalysis
+    from lalm_probe.plugins.analyses.hub.plugin import Hub
+    from lalm_probe.plugins.analyses.svcca.plugin import SVCCAAnalysis
 
     with pytest.raises(UserError, match=r"compare=\[language\]"):
         SVCCAAnalysis(stack="encoder", compare=["modality"]).requirements(_session(), Dataset(speech))

@@ -7,19 +7,19 @@ read a stack's keys for the items that have them, and never pair a speech-encode
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
 
 from lalm_probe.core.data import Dataset, Stimulus
-from lalm_probe.core.model import ResolvedStack, Stack
+from lalm_probe.core.plugin import Stores
 from lalm_probe.core.store import ActivationStore
 from lalm_probe.plugins.analyses import reps
-from lalm_probe.plugins.analyses.clusters import Clusters
-from lalm_probe.plugins.analyses.hub import Hub
-from lalm_probe.plugins.analyses.svcca import SVCCAAnalysis
+from lalm_probe.plugins.analyses.clusters.plugin import Clusters
+from lalm_probe.plugins.analyses.hub.plugin import Hub
+from lalm_probe.plugins.analyses.svcca.plugin import SVCCAAnalysis
+
+from helpers import stub_view
 
 LANGS = ("de", "en", "fr")
 N_SENT, ENC, LM = 40, 2, 3  # sentences, encoder layers, LM layers
@@ -34,10 +34,8 @@ def _one_thread():
     plt.close("all")  # analyze returns figures; the run writer would close them
 
 
-def _session() -> SimpleNamespace:
-    resolved = {name: ResolvedStack(Stack(name, layers=(name,)), name, n, None, None, {})
-                for name, n in (("enc", ENC), ("lm", LM))}
-    return SimpleNamespace(plugin=SimpleNamespace(name="fake", resolved=resolved, lens_stack="lm"))
+def _session():
+    return stub_view({"enc": ENC, "lm": LM}, lens_stack="lm")
 
 
 def _items() -> list[Stimulus]:
@@ -59,7 +57,7 @@ def _store(tmp_path, items: list[Stimulus], position: str, lm: bool = True) -> A
         z = latent[s] if carries else rng.normal(size=3)
         return z @ proj[(name, layer)] + 0.1 * rng.normal(size=16)
 
-    store = ActivationStore(tmp_path / f"store-{position}-{lm}", config={"test": "modality"})
+    store = ActivationStore(tmp_path / f"store-{position}-{lm}", {"test": "modality"})
     groups = [[it for it in items if it.labels["modality"] == m] for m in ("speech", "text")]
     chunks = [g[i:i + 25] for i in range(0, len(groups[0]), 25) for g in groups]  # batches never mix modalities
     for chunk in chunks:
@@ -75,7 +73,7 @@ def _store(tmp_path, items: list[Stimulus], position: str, lm: bool = True) -> A
 def test_store_and_reps_return_the_items_that_have_a_key(tmp_path):
     items = _items()
     store = _store(tmp_path, items, "mean", lm=False)
-    assert len(store.manifest["shards"]) > 2 and store.stored_ids() == {it.id for it in items}
+    assert len(store.manifest["segments"]) > 2 and store.stored_ids() == {it.id for it in items}
     speech = {it.id for it in items if it.labels["modality"] == "speech"}
     assert store.ids_with(["enc.0.out@mean", "enc.1.out@mean"]) == speech
     dataset = Dataset(items)
@@ -91,7 +89,7 @@ def test_svcca_reads_the_speech_stack_for_speech_and_the_text_stack_for_text(tmp
     store, session = _store(tmp_path, items, "mean"), _session()
     analysis = SVCCAAnalysis(stacks=["enc", "lm"], baseline_permutations=3)
     assert analysis.requirements(session, Dataset(items)).sites == ["enc.*.out", "lm.*.out"]
-    result = analysis.analyze(session, Dataset(items), {"baseline": store})
+    result = analysis.analyze(session, Dataset(items), Stores(baseline=store))
     for lang in LANGS:
         cm = result.arrays[f"baseline/crossmodal/{lang}"]  # speech from enc, text from lm: the shared latent
         assert cm.shape == (ENC, 2) and (cm[:, 0] > 0.9).all() and (cm[:, 0] - cm[:, 1] > 0.5).all()
@@ -101,7 +99,7 @@ def test_svcca_reads_the_speech_stack_for_speech_and_the_text_stack_for_text(tmp
     assert result.arrays["baseline/crosslingual/text/svcca"].shape == (LM, 3, 3)
     assert not any("never reach" in n for n in result.notes)
     # the LM rows of speech items are noise: reading them for the speech side would lose the alignment
-    lm_only = SVCCAAnalysis(stack="lm", baseline_permutations=3).analyze(session, Dataset(items), {"baseline": store})
+    lm_only = SVCCAAnalysis(stack="lm", baseline_permutations=3).analyze(session, Dataset(items), Stores(baseline=store))
     cm = lm_only.arrays["baseline/crossmodal/en"]
     assert (cm[:, 0] - cm[:, 1] < 0.3).all()
 
@@ -109,7 +107,7 @@ def test_svcca_reads_the_speech_stack_for_speech_and_the_text_stack_for_text(tmp
 def test_svcca_on_a_stack_text_never_reaches_compares_speech_only(tmp_path):
     items = _items()
     store, session = _store(tmp_path, items, "mean", lm=False), _session()
-    result = SVCCAAnalysis(stack="enc", baseline_permutations=2).analyze(session, Dataset(items), {"baseline": store})
+    result = SVCCAAnalysis(stack="enc", baseline_permutations=2).analyze(session, Dataset(items), Stores(baseline=store))
     assert result.arrays["baseline/crosslingual/speech/svcca"].shape == (ENC, 3, 3)
     assert not any("crossmodal" in k or "/text/" in k for k in result.arrays)
     assert f"{N_SENT * 3} text items never reach 'enc' and are left out of the text side." in result.notes
@@ -119,12 +117,12 @@ def test_clusters_and_hub_on_the_speech_stack_use_speech_items(tmp_path):
     items = _items()
     store, session = _store(tmp_path, items, "last", lm=False), _session()
     result = Clusters(stack="enc", position="last", labels=["semantic_id", "language"], space="full").analyze(
-        session, Dataset(items), {"baseline": store})
+        session, Dataset(items), Stores(baseline=store))
     assert len(result.arrays["baseline/ids"]) == N_SENT * 3
     sil = result.arrays["baseline/silhouette/semantic_id/full"]
     assert sil.shape == (ENC,) and (sil > 0.5).all()  # enc rows carry the sentence
     assert any("never reach 'enc'" in n for n in result.notes)
     hub = Hub(stack="enc", position="last", language_lens=False).analyze(session, Dataset(items),
-                                                                          {"baseline": store})
+                                                                          Stores(baseline=store))
     assert {k.split("/")[-1] for k in hub.arrays if "/similarity/" in k} == {"speech: de vs en", "speech: fr vs en"}
     assert (hub.arrays["baseline/similarity/speech: de vs en"][:, 1] > 0.5).all()  # CI low: matched pairs align

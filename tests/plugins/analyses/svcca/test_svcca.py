@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
 
 from lalm_probe.core.data import Dataset, Stimulus
 from lalm_probe.core.errors import UserError
-from lalm_probe.core.model import ResolvedStack, Stack
+from lalm_probe.core.plugin import Stores
 from lalm_probe.core.store import ActivationStore
 from lalm_probe.plugins.analyses.reps import pair_layers
-from lalm_probe.plugins.analyses.svcca import (SVCCAAnalysis, cca_correlations, lalm_probe_analyses, svcca,
-                                               svd_reduce, variance_rank)
+from lalm_probe.plugins.analyses.svcca.measure import cca_correlations, svcca, svd_reduce, variance_rank
+from lalm_probe.plugins.analyses.svcca.plugin import SVCCAAnalysis, lalm_probe_analyses
+
+from helpers import stub_view
 
 
 @pytest.fixture(autouse=True)
@@ -120,10 +120,8 @@ def test_layer_pairing_by_relative_depth():
 ALIGNED = {2, 3}  # layers where speech and text of a sentence share structure
 
 
-def _session(stacks: dict[str, int]) -> SimpleNamespace:
-    resolved = {name: ResolvedStack(Stack(name, layers=(name,)), name, n, None, None, {})
-                for name, n in stacks.items()}
-    return SimpleNamespace(plugin=SimpleNamespace(name="fake", resolved=resolved, lens_stack=None))
+def _session(stacks: dict[str, int]):
+    return stub_view(stacks)
 
 
 def _planted(tmp_path, n_sent: int = 60, stacks: dict[str, tuple[int, int]] | None = None):
@@ -149,7 +147,7 @@ def _planted(tmp_path, n_sent: int = 60, stacks: dict[str, tuple[int, int]] | No
                 z = latent[s] if shared else rng.normal(size=4)
                 rows.append(z @ proj + 0.2 * rng.normal(size=width))
             arrays[f"{name}.{layer}.out@mean"] = np.array(rows)
-    store = ActivationStore(tmp_path / "store", config={"test": "svcca"})
+    store = ActivationStore(tmp_path / "store", {"test": "svcca"})
     order = rng.permutation(len(items))  # the store's row order must not matter
     store.add([items[i].id for i in order], {k: v[order] for k, v in arrays.items()})
     store.mark_complete()
@@ -163,7 +161,7 @@ def test_end_to_end_cross_modal_and_cross_lingual(tmp_path):
     analysis = SVCCAAnalysis(baseline_permutations=3)
     req = analysis.requirements(session, dataset)
     assert req.sites == ["lm.*.out"] and req.positions == ["mean"] and "semantic_id" in req.labels
-    result = analysis.analyze(session, dataset, {"baseline": store})
+    result = analysis.analyze(session, dataset, Stores(baseline=store))
     cm = result.arrays["baseline/crossmodal/en"]  # (layers, [svcca, baseline])
     assert cm.shape == (5, 2)
     for layer in range(5):
@@ -191,7 +189,7 @@ def test_end_to_end_two_stacks_of_different_depth_and_width(tmp_path):
     analysis = SVCCAAnalysis(stacks=["speech_encoder", "text_encoder"], compare=["modality"],
                              baseline_permutations=2)
     assert analysis.requirements(session, dataset).sites == ["speech_encoder.*.out", "text_encoder.*.out"]
-    result = analysis.analyze(session, dataset, {"baseline": store})
+    result = analysis.analyze(session, dataset, Stores(baseline=store))
     rows = result.tables[0].rows
     pairs = sorted({(r["layer"], r["text_layer"]) for r in rows})
     assert pairs == [(0, 0), (2, 1), (4, 2), (6, 3)]
@@ -202,12 +200,12 @@ def test_end_to_end_two_stacks_of_different_depth_and_width(tmp_path):
 def test_no_pairs_is_a_user_error(tmp_path):
     items = [Stimulus(id=f"i{n}", text="x", labels={"semantic_id": f"s{n}", "language": "en" if n % 2 else "fr",
                                                      "modality": "text"}) for n in range(12)]
-    store = ActivationStore(tmp_path / "s", config={})
+    store = ActivationStore(tmp_path / "s", {})
     store.add([it.id for it in items], {f"lm.{i}.out@mean": np.random.default_rng(i).normal(size=(12, 4))
                                         for i in range(2)})
     store.mark_complete()
     with pytest.raises(UserError, match="no pair of groups"):
-        SVCCAAnalysis().analyze(_session({"lm": 2}), Dataset(items), {"baseline": store})
+        SVCCAAnalysis().analyze(_session({"lm": 2}), Dataset(items), Stores(baseline=store))
     with pytest.raises(UserError, match="variance"):
         SVCCAAnalysis(variance=1.5)
 
@@ -216,10 +214,10 @@ def test_a_constant_layer_reports_nan_instead_of_failing(tmp_path):
     rng = np.random.default_rng(8)
     items = [Stimulus(id=f"s{n}-{mod}", text="x", labels={"semantic_id": f"s{n}", "language": "en", "modality": mod})
              for n in range(8) for mod in ("speech", "text")]
-    store = ActivationStore(tmp_path / "s", config={})
+    store = ActivationStore(tmp_path / "s", {})
     store.add([it.id for it in items], {"lm.0.out@mean": np.ones((16, 4)), "lm.1.out@mean": rng.normal(size=(16, 4))})
     store.mark_complete()
-    result = SVCCAAnalysis(baseline_permutations=1).analyze(_session({"lm": 2}), Dataset(items), {"baseline": store})
+    result = SVCCAAnalysis(baseline_permutations=1).analyze(_session({"lm": 2}), Dataset(items), Stores(baseline=store))
     rows = result.tables[0].rows
     assert np.isnan(rows[0]["svcca"]) and rows[0]["k_speech"] == 0 and np.isfinite(rows[1]["svcca"])
     assert result.summary["cross-modal en: best layer (svcca - baseline)"] == 1

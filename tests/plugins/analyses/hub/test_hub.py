@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
@@ -12,11 +10,14 @@ from threadpoolctl import threadpool_limits
 
 from lalm_probe.core.data import Dataset, Stimulus
 from lalm_probe.core.errors import UserError
-from lalm_probe.core.model import ResolvedStack, Stack
+from lalm_probe.core.plugin import Stores
 from lalm_probe.core.store import ActivationStore
-from lalm_probe.plugins.analyses.hub import (Hub, adjusted_scores, baseline_adjusted_cosine, count_tokens, entropy,
-                                             lalm_probe_analyses, language_given_hidden, language_given_token,
-                                             mean_ci, read_corpus)
+from lalm_probe.plugins.analyses.hub.measure import (adjusted_scores, baseline_adjusted_cosine, count_tokens,
+                                                     entropy, language_given_hidden, language_given_token, mean_ci,
+                                                     read_corpus)
+from lalm_probe.plugins.analyses.hub.plugin import Hub, lalm_probe_analyses
+
+from helpers import stub_view
 
 
 @pytest.fixture(autouse=True)
@@ -133,19 +134,18 @@ def _planted(tmp_path):
                     else:
                         h[rng.integers(0, 10) + (0 if lang == "en" else 10)] += 1.0
                     rows[layer].append(h)
-    store = ActivationStore(tmp_path / "store", config={"test": "hub"})
+    store = ActivationStore(tmp_path / "store", {"test": "hub"})
     store.add([it.id for it in items], {f"lm.{layer}.out@last": np.array(rows[layer]) for layer in range(N_LAYERS)})
     store.mark_complete()
     unembed = np.zeros((D, 22))  # 22 logits: the model pads its vocabulary beyond the tokenizer's 20
     unembed[:20, :20] = 8 * np.eye(20)
 
-    def lens(hidden, stack=None, norm=True):
+    def lens(hidden, stack=None, norm=True, layer=None):
         assert stack == "lm" and norm is False
         return torch.as_tensor(np.asarray(hidden) @ unembed)
 
-    st = ResolvedStack(Stack("lm", layers=("lm",)), "lm", N_LAYERS, None, "lm_head", {})
-    session = SimpleNamespace(plugin=SimpleNamespace(name="fake", resolved={"lm": st}, lens_stack="lm",
-                                                     tokenizer=LetterTokenizer()), lens=lens)
+    session = stub_view({"lm": {"layers": N_LAYERS, "unembed": "lm_head"}}, lens_stack="lm",
+                        tokenizer=LetterTokenizer(), lens=lens)
     return Dataset(items), store, session
 
 
@@ -154,7 +154,7 @@ def test_end_to_end(tmp_path):
     hub = Hub()
     req = hub.requirements(session, dataset)
     assert req.sites == ["lm.*.out"] and req.positions == ["last"] and set(req.labels) == {"language", "semantic_id"}
-    result = hub.analyze(session, dataset, {"baseline": store})
+    result = hub.analyze(session, dataset, Stores(baseline=store))
 
     sim = result.arrays["baseline/similarity/en: speech vs text"]  # (layers, [mean, lo, hi])
     assert sim.shape == (N_LAYERS, 3)
@@ -185,7 +185,7 @@ def test_end_to_end(tmp_path):
 def test_options_and_errors(tmp_path):
     dataset, store, session = _planted(tmp_path)
     result = Hub(compare=["language"], pairs="all", language_lens=False, ci="bootstrap").analyze(
-        session, dataset, {"baseline": store, "intervened": store})
+        session, dataset, Stores(baseline=store, intervened=store))
     assert {"baseline/similarity/text: en vs fr", "intervened/similarity/speech: en vs fr"} <= set(result.arrays)
     assert not any(k.startswith("baseline/language_lens") for k in result.arrays)
     # the dataset's texts cover en and fr; the built-in sentences fill in a dominant language it lacks
@@ -194,12 +194,12 @@ def test_options_and_errors(tmp_path):
     assert set(Hub(corpus="builtin").texts(dataset)) >= {"en", "fr", "de", "zh"}
     lonely = Dataset([Stimulus(id=f"i{n}", text="ab", labels={"semantic_id": f"s{n}", "language": "en"})
                       for n in range(3)])
-    s2 = ActivationStore(tmp_path / "s2", config={})
+    s2 = ActivationStore(tmp_path / "s2", {})
     s2.add([it.id for it in lonely], {f"lm.{i}.out@last": np.ones((3, D)) for i in range(N_LAYERS)})
     s2.mark_complete()
     with pytest.raises(UserError, match="no matched pairs"):
-        Hub(language_lens=False).analyze(session, lonely, {"baseline": s2})
+        Hub(language_lens=False).analyze(session, lonely, Stores(baseline=s2))
     with pytest.raises(UserError, match="at least two languages"):
-        Hub(similarity=False, corpus="dataset").analyze(session, lonely, {"baseline": s2})
+        Hub(similarity=False, corpus="dataset").analyze(session, lonely, Stores(baseline=s2))
     with pytest.raises(UserError):
         Hub(pairs="some")

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from lalm_probe.core.errors import UserError
-from lalm_probe.plugins.analyses.logitlens import (LogitLens, attribute_prompt, critical_layer, information_scores,
-                                                   label_token_ids)
+from lalm_probe.plugins.analyses.lens.audiolens import (attribute_prompt, critical_layer, information_scores,
+                                                        label_token_ids)
+from lalm_probe.plugins.analyses.lens.plugin import LogitLens
 
 
 def test_information_score_is_argmax_accuracy_per_layer():
@@ -23,9 +24,10 @@ def test_information_score_is_argmax_accuracy_per_layer():
 def test_critical_layer_matches_equations_3_and_4():
     scores = np.array([0.5, 0.55, 0.9, 1.0])  # |Y| = 2, alpha = 0.2 -> threshold 0.6
     s = np.maximum(0, scores - 0.6)
-    expected = (s * np.arange(1, 5)).sum() / s.sum()
-    assert critical_layer(scores, 2, 0.2) == pytest.approx(expected)
-    assert critical_layer(scores, 2, 0.2) == pytest.approx((0.3 * 3 + 0.4 * 4) / 0.7)
+    expected = (s * np.arange(1, 5)).sum() / s.sum()  # the paper numbers layers from 1
+    assert critical_layer(scores, 2, 0.2, first=1) == pytest.approx(expected)
+    assert critical_layer(scores, 2, 0.2, first=1) == pytest.approx((0.3 * 3 + 0.4 * 4) / 0.7)
+    assert critical_layer(scores, 2, 0.2) == pytest.approx(expected - 1)  # this tool's site index from 0
     assert math.isnan(critical_layer(np.array([0.5, 0.55]), 2, 0.2))  # nothing clears the threshold
 
 
@@ -65,7 +67,9 @@ def test_analysis_scores_equal_hand_computed_lens(qwen_session, tmp_path):
     """The analysis' label probabilities equal softmax(lm_head(norm(h))) at the label tokens, by hand."""
     import torch
 
+    from lalm_probe.core.collect import collect
     from lalm_probe.core.data import Dataset, Stimulus
+    from lalm_probe.core.plugin import Stores
     from lalm_probe.core.store import ActivationStore
 
     from helpers import SR, tone
@@ -73,10 +77,10 @@ def test_analysis_scores_equal_hand_computed_lens(qwen_session, tmp_path):
     ds = Dataset([Stimulus(f"i{k}", audio=tone(100 + 30 * k, 0.4), sample_rate=SR,
                            labels={"gender": "male" if k % 2 else "female"}) for k in range(6)])
     lens = LogitLens(attribute="gender", positions=["last"], heatmap_items=0)
-    store = ActivationStore(tmp_path, {"t": 1})
-    req = lens.requirements(qwen_session, ds)
-    qwen_session.collect(ds, req.sites, req.positions, store, prompt_fn=lambda it: lens.prompt(qwen_session, it))
-    result = lens.analyze(qwen_session, ds, {"baseline": store})
+    view = qwen_session.view
+    store = collect(qwen_session, ds, lens.requirements(view, ds).reads(), ActivationStore(tmp_path, {"t": 1}),
+                    prompt_fn=lambda it: lens.prompt(view, it))
+    result = lens.analyze(view, ds, Stores(baseline=store))
     model = qwen_session.plugin.model
     _, arrays = store.load(["lm.3.out@last"], order=[it.id for it in ds])
     ids = label_token_ids(qwen_session.plugin.tokenizer, ["male", "female"], False)

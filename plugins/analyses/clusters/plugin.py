@@ -30,122 +30,33 @@ Documented choices:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
-from scipy.spatial.distance import cdist
-from sklearn.manifold import TSNE
-from sklearn.metrics import silhouette_score
-
 from lalm_probe.core.data import Dataset, Stimulus
 from lalm_probe.core.errors import UserError
-from lalm_probe.core.plugin import Analysis, Requirements
+from lalm_probe.core.plugin import Analysis, Requirements, Stores
 from lalm_probe.core.registry import hookimpl
+from lalm_probe.core.view import ModelView
 from lalm_probe.core.results import Result, Table
 from lalm_probe.core.threads import capped
 from lalm_probe.plugins.analyses import reps
 
-DEFAULT_LABELS = ("language", "semantic_id", "modality")
-OPTIONAL_LABELS = ("speaker", "gender", "condition", "voice")
-SPACES = ("tsne", "full", "both")
 # Labels that say which version of a sentence an item is (used to pick comparable items for distance tables).
-VERSION_LABELS = ("language", "voice", "speaker", "gender", "condition", "mic", "structure", "rate", "pitch")
-
-
-# ---- the math --------------------------------------------------------------------------------------------
-def effective_perplexity(n: int, perplexity: float = 30.0) -> float:
-    """``min(perplexity, (n − 1) / 3)``, at least 1: every item keeps non-neighbours, so small sets still embed."""
-    return float(max(1.0, min(perplexity, (n - 1) / 3)))
-
-
-def tsne_2d(x: np.ndarray, seed: int = 0, perplexity: float = 30.0) -> np.ndarray:
-    """2-D t-SNE with a fixed seed and the perplexity capped by :func:`effective_perplexity`."""
-    n = len(x)
-    if n < 3:
-        raise UserError(f"t-SNE needs at least 3 items; got {n}.")
-    return TSNE(n_components=2, perplexity=effective_perplexity(n, perplexity), init="pca", learning_rate="auto",
-                random_state=seed).fit_transform(np.asarray(x, dtype=np.float64))
-
-
-def silhouette_problem(labels: Sequence[Any]) -> str | None:
-    """Why a silhouette score is undefined for these labels, or None when it is defined."""
-    _, counts = np.unique(np.asarray(labels, dtype=str), return_counts=True)
-    if len(counts) < 2:
-        return "fewer than two classes"
-    if counts.max() < 2:
-        return "every class has a single member"
-    return None
-
-
-def silhouette(x: np.ndarray, labels: Sequence[Any]) -> float:
-    """Mean silhouette (Euclidean) of ``labels`` on ``x``; NaN where it is undefined."""
-    if silhouette_problem(labels):
-        return float("nan")
-    return float(silhouette_score(x, np.asarray(labels, dtype=str), metric="euclidean"))
-
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (zero rows stay zero), to take norm growth out of distances."""
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.where(norms > 0, norms, 1.0)
-
-
-def pairwise_distances(x: np.ndarray, normalize: bool = False) -> np.ndarray:
-    """Euclidean distances between all rows (the paper's item tables)."""
-    x = l2_normalize(x) if normalize else np.asarray(x, dtype=np.float64)
-    return cdist(x, x)
-
-
-def centroid_distances(x: np.ndarray, groups: Sequence[Any], normalize: bool = False
-                       ) -> tuple[list[str], np.ndarray]:
-    """Group names (sorted) and D[g, h] = ||c_g − c_h|| with c_g the mean vector of group g."""
-    x = l2_normalize(x) if normalize else np.asarray(x, dtype=np.float64)
-    g = np.asarray(groups, dtype=str)
-    names = sorted(set(g.tolist()))
-    cents = np.stack([x[g == name].mean(axis=0) for name in names])
-    return names, cdist(cents, cents)
-
-
-def default_items(items: Sequence[Stimulus], limit: int = 6) -> list[str]:
-    """Items for the distance table: up to 3 versions of the first sentence that has several (other languages,
-    modalities, voices…), plus the same versions of the next sentence — the paper's A1 A2 / B1 B2 layout."""
-    by_sid: dict[str, list[Stimulus]] = {}
-    for it in items:
-        if "semantic_id" in it.labels:
-            by_sid.setdefault(str(it.labels["semantic_id"]), []).append(it)
-    sids = list(by_sid)
-    first = next((s for s in sids if len(by_sid[s]) > 1), None)
-    if first is None:
-        return [it.id for it in items[:limit]]
-    chosen = by_sid[first][: limit // 2]
-    out = [it.id for it in chosen]
-    other = next((s for s in sids if s != first), None)
-    if other is not None:
-        def key(it: Stimulus) -> tuple:
-            return (reps.modality_of(it), *(str(it.labels.get(k)) for k in VERSION_LABELS))
-
-        for it in chosen:
-            match = next((c for c in by_sid[other] if key(c) == key(it) and c.id not in out), None)
-            match = match or next((c for c in by_sid[other] if reps.modality_of(c) == reps.modality_of(it)
-                                   and c.id not in out), None)
-            if match is not None:
-                out.append(match.id)
-    return out[:limit]
-
-
-def short_names(items: Sequence[Stimulus]) -> list[str]:
-    """Column names for the item distance table: a letter per sentence (``semantic_id``, in order of
-    appearance) and a number per version, as the paper's A1 A2 / B1 B2; the ids when that does not apply."""
-    sids = [it.labels.get("semantic_id") for it in items]
-    letters = list(dict.fromkeys(sids))
-    if None in letters or len(letters) > 26:
-        return [it.id for it in items]
-    seen: dict[Any, int] = {}
-    out = []
-    for sid in sids:
-        seen[sid] = seen.get(sid, 0) + 1
-        out.append(f"{chr(65 + letters.index(sid))}{seen[sid]}")
-    return out
+from lalm_probe.plugins.analyses.clusters.measure import (
+    DEFAULT_LABELS,
+    OPTIONAL_LABELS,
+    SPACES,
+    centroid_distances,
+    default_items,
+    effective_perplexity,
+    pairwise_distances,
+    short_names,
+    silhouette,
+    silhouette_problem,
+    tsne_2d,
+)
+from lalm_probe.plugins.analyses.clusters.plots import scatter, silhouette_plot
 
 
 # ---- the plugin ------------------------------------------------------------------------------------------
@@ -188,27 +99,27 @@ class Clusters(Analysis):
                             "with labels=[...].")
         return chosen
 
-    def requirements(self, session: Any, dataset: Dataset) -> Requirements:
-        stack = reps.resolve_stack(session, self.stack)
-        reps.layer_sites(session, stack, self.site)
+    def requirements(self, model: ModelView, dataset: Dataset) -> Requirements:
+        stack = reps.resolve_stack(model, self.stack)
+        reps.layer_sites(model, stack, self.site)
         chosen = self._labels(dataset)
         every = [k for k in chosen if all(k in it.labels for it in dataset)]
-        return Requirements(sites=[reps.site_pattern(session, stack, self.site)],
-                            positions=[reps.resolve_position(session, stack, self.position)], labels=every)
+        return Requirements(sites=[reps.site_pattern(model, stack, self.site)],
+                            positions=[reps.resolve_position(model, stack, self.position)], labels=every)
 
     @capped
-    def analyze(self, session: Any, dataset: Dataset, stores: dict[str, Any]) -> Result:
-        stack = reps.resolve_stack(session, self.stack)
-        sites = reps.layer_sites(session, stack, self.site)
+    def analyze(self, model: ModelView, dataset: Dataset, stores: Stores) -> Result:
+        stack = reps.resolve_stack(model, self.stack)
+        sites = reps.layer_sites(model, stack, self.site)
         labels = self._labels(dataset)
         spaces = ["tsne", "full"] if self.space == "both" else [self.space]
         shown = reps.spread_layers([layer for layer, _ in sites], self.plot_layers)
-        position = reps.resolve_position(session, stack, self.position)
+        position = reps.resolve_position(model, stack, self.position)
         result = Result(summary={"stack": stack, "site": self.site, "position": position,
                                  "silhouette space": self.space, "distances normalised": self.normalize})
         if self.position == "auto" and position == "mean":
             result.notes.append(reps.auto_position_note(stack, position))
-        for run, store in stores.items():
+        for run, store in stores.activations():
             items = reps.items_reaching(dataset, store, stack, f"{sites[0][1]}@{position}",
                                         result.notes if run == "baseline" else None)
             if len(items) < 3:
@@ -263,9 +174,9 @@ class Clusters(Analysis):
                 norm = ", L2-normalised" if self.normalize else ""
                 result.tables.append(Table(f"Euclidean distances between items{norm} ({run})", dist_rows))
             result.tables.append(Table(f"Distances between cluster centroids ({run})", cent_rows, show=False))
-            result.figures[f"silhouette_{run}"] = _silhouette_plot(curves, layer_names, f"{stack} ({run})")
+            result.figures[f"silhouette_{run}"] = silhouette_plot(curves, layer_names, f"{stack} ({run})")
             for key, (mask, values) in scored.items():
-                result.figures[f"tsne_{key}_{run}"] = _scatter(coords, shown, mask, values, items, key, run)
+                result.figures[f"tsne_{key}_{run}"] = scatter(coords, shown, mask, values, items, key, run)
         if "tsne" in spaces:
             result.notes.append("Silhouette in the t-SNE map follows the paper; t-SNE does not preserve distances "
                                 "and turns float rounding (e.g. another --batch-size) into another layout, so its "
@@ -307,63 +218,6 @@ class Clusters(Analysis):
             raise UserError(f"clusters: items {missing[:3]} are not in the dataset (or were not collected).")
         return list(self.items)
 
-
-# ---- figures ---------------------------------------------------------------------------------------------
-def _silhouette_plot(curves: dict[tuple[str, str], list[float]], layers: list[Any], title: str) -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    keys = list(dict.fromkeys(k for k, _ in curves))
-    x = np.arange(len(layers))
-    for (key, space), values in curves.items():
-        ax.plot(x, values, marker="o", ms=3, color=plt.cm.tab10(keys.index(key) % 10),
-                ls="-" if space == "tsne" else "--", label=f"{key} ({'t-SNE 2-D' if space == 'tsne' else 'full'})")
-    ax.set_xticks(x, [str(layer) for layer in layers], fontsize=7)
-    ax.axhline(0, color="grey", lw=0.5)
-    ax.set(title=f"Silhouette per layer — {title}", xlabel="layer", ylabel="silhouette score")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
-
-
-def _scatter(coords: dict[Any, np.ndarray], layers: list[Any], mask: np.ndarray, values: list[str],
-             items: list[Stimulus], key: str, run: str) -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    classes = sorted(set(values))
-    cmap = plt.cm.tab10 if len(classes) <= 10 else plt.cm.tab20
-    mods = np.array([reps.modality_of(it) for it, m in zip(items, mask) if m])
-    markers = {"speech": "o", "text": "^"}
-    fig, axes = plt.subplots(1, len(layers), figsize=(4 * len(layers) + 1.5, 4), squeeze=False)
-    v = np.array(values)
-    for ax, layer in zip(axes[0], layers):
-        xy = coords[layer][mask]
-        for c, cls in enumerate(classes):
-            first = True
-            for mod in sorted(set(mods)):
-                sel = (v == cls) & (mods == mod)
-                if sel.any():
-                    ax.scatter(xy[sel, 0], xy[sel, 1], s=14, color=cmap(c % cmap.N), marker=markers.get(mod, "s"),
-                               label=cls if first else None)
-                    first = False
-        ax.set_title(f"layer {layer}", fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    if len(classes) <= 20:
-        handles, names = axes[0][-1].get_legend_handles_labels()
-        uniq = dict(zip(names, handles))
-        fig.legend(uniq.values(), uniq.keys(), loc="center right", fontsize=7, title=key)
-    shape = " (o speech, ^ text)" if len(set(mods)) > 1 else ""
-    fig.suptitle(f"t-SNE coloured by {key}{shape} ({run})", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 0.88 if len(classes) <= 20 else 1, 1))
-    return fig
 
 
 @hookimpl

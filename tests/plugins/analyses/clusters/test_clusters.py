@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
@@ -11,11 +9,13 @@ from sklearn.metrics import silhouette_score
 
 from lalm_probe.core.data import Dataset, Stimulus
 from lalm_probe.core.errors import UserError
-from lalm_probe.core.model import ResolvedStack, Stack
+from lalm_probe.core.plugin import Stores
 from lalm_probe.core.store import ActivationStore
-from lalm_probe.plugins.analyses.clusters import (Clusters, centroid_distances, default_items, effective_perplexity,
-                                                  lalm_probe_analyses, pairwise_distances, silhouette,
-                                                  silhouette_problem, tsne_2d)
+from lalm_probe.plugins.analyses.clusters.measure import (centroid_distances, default_items, effective_perplexity,
+                                                          pairwise_distances, silhouette, silhouette_problem, tsne_2d)
+from lalm_probe.plugins.analyses.clusters.plugin import Clusters, lalm_probe_analyses
+
+from helpers import stub_view
 
 LANGUAGE_LAYERS = {0, 1, 5}  # the other layers of the planted model cluster by meaning
 N_LAYERS = 6
@@ -49,14 +49,12 @@ def _planted(items: list[Stimulus], layer: int, rng: np.random.Generator, d: int
     return np.array([table[it.labels[key]] + rng.normal(size=d) for it in items]) * (1 + layer)
 
 
-def _session(n_layers: int = N_LAYERS, extras: dict[str, str] | None = None) -> SimpleNamespace:
-    st = ResolvedStack(Stack("lm", layers=("lm",), components={"out": "", "mlp": "mlp"}), "lm", n_layers, None, None,
-                       extras or {})
-    return SimpleNamespace(plugin=SimpleNamespace(name="fake", resolved={"lm": st}, lens_stack="lm"))
+def _session(n_layers: int = N_LAYERS, extras: tuple[str, ...] = ()):
+    return stub_view({"lm": {"layers": n_layers, "components": ("out", "mlp"), "extras": extras}}, lens_stack="lm")
 
 
 def _store(tmp_path, items: list[Stimulus], arrays: dict[str, np.ndarray]) -> ActivationStore:
-    store = ActivationStore(tmp_path / "store", config={"test": "clusters"})
+    store = ActivationStore(tmp_path / "store", {"test": "clusters"})
     half = len(items) // 2  # two shards, to read across them
     store.add([it.id for it in items[:half]], {k: v[:half] for k, v in arrays.items()})
     store.flush()
@@ -131,7 +129,7 @@ def test_end_to_end(tmp_path):
     req = analysis.requirements(session, dataset)
     assert req.sites == ["lm.*.out"] and req.positions == ["last"]
     assert req.labels == ["language", "semantic_id", "modality"]  # voice is only on speech items
-    result = analysis.analyze(session, dataset, {"baseline": store})
+    result = analysis.analyze(session, dataset, Stores(baseline=store))
 
     rows = result.tables[0].rows
     assert len(rows) == N_LAYERS
@@ -169,10 +167,10 @@ def test_extra_site_labels_and_errors(tmp_path):
     items = _items(n_sent=4)
     rng = np.random.default_rng(4)
     arrays = {"lm.projector@mean": _planted(items, 0, rng)}
-    session = _session(extras={"projector": "model.projector"})
+    session = _session(extras=("projector",))
     analysis = Clusters(site="projector", position="mean", labels=["language", "modality"], space="full")
     assert analysis.requirements(session, Dataset(items)).sites == ["lm.projector"]
-    result = analysis.analyze(session, Dataset(items), {"baseline": _store(tmp_path, items, arrays)})
+    result = analysis.analyze(session, Dataset(items), Stores(baseline=_store(tmp_path, items, arrays)))
     assert [r["layer"] for r in result.tables[0].rows] == ["projector"]
     assert result.summary["language: best layer (full)"] == "projector"
     with pytest.raises(UserError, match="no item has the label"):
@@ -181,6 +179,6 @@ def test_extra_site_labels_and_errors(tmp_path):
         Clusters(site="nope").requirements(session, Dataset(items))
     single = [Stimulus(id=f"i{n}", text="x", labels={"language": "en"}) for n in range(4)]
     with pytest.raises(UserError, match="no silhouette"):
-        Clusters(labels=["language"]).analyze(session, Dataset(single), {
-            "baseline": _store(tmp_path / "b", single, {f"lm.{i}.out@last": rng.normal(size=(4, 3))
-                                                        for i in range(N_LAYERS)})})
+        Clusters(labels=["language"]).analyze(session, Dataset(single), Stores(
+            baseline=_store(tmp_path / "b", single, {f"lm.{i}.out@last": rng.normal(size=(4, 3))
+                                                     for i in range(N_LAYERS)})))

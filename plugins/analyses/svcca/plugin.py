@@ -27,126 +27,25 @@ alone is refused before any collection, and beside ``language`` the cross-modal 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar
 
 import numpy as np
-
 from lalm_probe.core.data import Dataset
 from lalm_probe.core.errors import UserError
-from lalm_probe.core.plugin import Analysis, Requirements
+from lalm_probe.core.plugin import Analysis, Requirements, Stores
 from lalm_probe.core.registry import hookimpl
+from lalm_probe.core.view import ModelView
 from lalm_probe.core.results import Result, Table
 from lalm_probe.core.threads import capped
 from lalm_probe.plugins.analyses import reps
-
-EPSILON = 1e-10
-
-
-# ---- the math --------------------------------------------------------------------------------------------
-def variance_rank(eigenvalues: np.ndarray, variance: float) -> int:
-    """Smallest k whose top-k directions hold ``variance`` of the total variance.
-
-    ``eigenvalues`` are the squared singular values s² of the centred data, in descending order; directions
-    below numerical rank are never kept.
-    """
-    s2 = np.clip(np.asarray(eigenvalues, dtype=np.float64), 0.0, None)
-    total = s2.sum()
-    if total <= 0:
-        return 0
-    frac = np.cumsum(s2) / total
-    k = int(np.searchsorted(frac, min(variance, 1.0) - 1e-12) + 1)
-    rank = int((s2 > s2[0] * len(s2) * np.finfo(float).eps).sum())
-    return min(k, rank)
-
-
-def svd_reduce(acts: np.ndarray, variance: float = 0.9) -> np.ndarray:
-    """Project centred ``(items, neurons)`` activations onto the top-k singular directions (k by ``variance``).
-
-    Returns ``(items, k)`` = ``U[:, :k]·s[:k]``, the tutorial's ``svacts`` transposed; k < items so CCA is defined.
-    The SVD is taken through the eigen-decomposition of the smaller Gram matrix (items × items when there are
-    fewer items than neurons): same U and s² for the kept directions, several times faster for 350 × 4096.
-    """
-    x = np.asarray(acts, dtype=np.float64)
-    x = x - x.mean(axis=0, keepdims=True)
-    n, d = x.shape
-    if n <= d:
-        s2, u = np.linalg.eigh(x @ x.T)
-        s2, u = s2[::-1], u[:, ::-1]
-        k = min(variance_rank(s2, variance), max(n - 1, 0))
-        return u[:, :k] * np.sqrt(np.clip(s2[:k], 0.0, None))
-    s2, v = np.linalg.eigh(x.T @ x)
-    s2, v = s2[::-1], v[:, ::-1]
-    k = min(variance_rank(s2, variance), max(n - 1, 0))
-    return x @ v[:, :k]
-
-
-def whiten(x: np.ndarray, epsilon: float = EPSILON) -> np.ndarray:
-    """Centred data times ``cca_core``'s regularised inverse square root covariance, scaled so that
-    ``whiten(x).T @ whiten(y)`` equals ``Σxx^-1/2 Σxy Σyy^-1/2`` exactly as ``cca_core`` builds it."""
-    x = np.asarray(x, dtype=np.float64)
-    n = x.shape[0]
-    xc = x - x.mean(axis=0, keepdims=True)
-    cov = xc.T @ xc / (n - 1)
-    scale = np.abs(cov).max() if cov.size else 0.0
-    if scale <= 0:
-        return np.zeros((n, 0))
-    cov = cov / scale
-    keep = np.abs(np.diag(cov)) >= epsilon  # cca_core's remove_small
-    xc, cov = xc[:, keep], cov[np.ix_(keep, keep)] + epsilon * np.eye(int(keep.sum()))
-    w, v = np.linalg.eigh(cov)
-    cutoff = 1e-15 * max(w.max(), 0.0)  # np.linalg.pinv's default rcond, as cca_core inverts with pinv
-    inv_sqrt = np.where(w > cutoff, 1.0 / np.sqrt(np.clip(w, cutoff, None)), 0.0)
-    return (xc @ (v * inv_sqrt) @ v.T) / np.sqrt((n - 1) * scale)
-
-
-def correlations_from_whitened(wx: np.ndarray, wy: np.ndarray) -> np.ndarray:
-    """Canonical correlations (descending) of two whitened sets with the same rows."""
-    if wx.shape[1] == 0 or wy.shape[1] == 0:
-        return np.zeros(0)
-    return np.abs(np.linalg.svd(wx.T @ wy, compute_uv=False))
-
-
-def cca_correlations(x: np.ndarray, y: np.ndarray, epsilon: float = EPSILON) -> np.ndarray:
-    """``cca_core.get_cca_similarity``'s ``cca_coef1`` for ``(items, neurons)`` inputs (min(dx, dy) values)."""
-    _check_pair(x, y)
-    return correlations_from_whitened(whiten(x, epsilon), whiten(y, epsilon))
-
-
-class SVCCA(NamedTuple):
-    similarity: float  # plain mean of the canonical correlations
-    baseline: float  # the same on shuffled pairings (NaN without permutations)
-    kx: int
-    ky: int
-    correlations: np.ndarray
-
-
-def svcca(x: np.ndarray, y: np.ndarray, variance: float = 0.9, epsilon: float = EPSILON,
-          permutations: int = 0, seed: int = 0) -> SVCCA:
-    """SVCCA similarity of two ``(items, neurons)`` sets whose rows are the same items, with its random baseline.
-
-    The widths may differ. Rows must be paired (row i of x and of y are one item).
-    """
-    _check_pair(x, y)
-    rx, ry = svd_reduce(x, variance), svd_reduce(y, variance)
-    return _svcca_reduced(whiten(rx, epsilon), whiten(ry, epsilon), rx.shape[1], ry.shape[1], permutations, seed)
-
-
-def _svcca_reduced(wx: np.ndarray, wy: np.ndarray, kx: int, ky: int, permutations: int, seed: int) -> SVCCA:
-    rho = correlations_from_whitened(wx, wy)
-    sim = float(rho.mean()) if rho.size else float("nan")
-    base = float("nan")
-    if permutations > 0 and rho.size:
-        rng = np.random.default_rng(seed)
-        base = float(np.mean([correlations_from_whitened(wx, wy[rng.permutation(len(wy))]).mean()
-                              for _ in range(permutations)]))
-    return SVCCA(sim, base, kx, ky, rho)
-
-
-def _check_pair(x: np.ndarray, y: np.ndarray) -> None:
-    if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
-        raise ValueError(f"SVCCA needs two (items, neurons) arrays with the same items; got {x.shape} and {y.shape}.")
-    if x.shape[0] < 3:
-        raise ValueError(f"SVCCA needs at least 3 paired items; got {x.shape[0]}.")
+from lalm_probe.plugins.analyses.svcca.measure import (
+    EPSILON,
+    SVCCA,
+    svcca_reduced,
+    svd_reduce,
+    whiten,
+)
+from lalm_probe.plugins.analyses.svcca.plots import curve_plot, heatmaps
 
 
 # ---- the plugin ------------------------------------------------------------------------------------------
@@ -182,21 +81,21 @@ class SVCCAAnalysis(Analysis):
         if self.baseline_permutations < 0 or self.min_items < 3:
             raise UserError("svcca: baseline_permutations must be >= 0 and min_items >= 3.")
 
-    def _stacks(self, session: Any) -> dict[str, str]:
+    def _stacks(self, model: ModelView) -> dict[str, str]:
         if self.stacks:
-            return {"speech": reps.resolve_stack(session, self.stacks[0]),
-                    "text": reps.resolve_stack(session, self.stacks[1])}
-        one = reps.resolve_stack(session, self.stack)
+            return {"speech": reps.resolve_stack(model, self.stacks[0]),
+                    "text": reps.resolve_stack(model, self.stacks[1])}
+        one = reps.resolve_stack(model, self.stack)
         return {"speech": one, "text": one}
 
-    def requirements(self, session: Any, dataset: Dataset) -> Requirements:
-        stacks = self._stacks(session)
+    def requirements(self, model: ModelView, dataset: Dataset) -> Requirements:
+        stacks = self._stacks(model)
         for name in stacks.values():
-            if reps.site_pattern(session, name, self.site) != f"{name}.*.{self.site}":
+            if reps.site_pattern(model, name, self.site) != f"{name}.*.{self.site}":
                 raise UserError(f"svcca compares layers; '{self.site}' is a stack-level extra of '{name}'.")
-            reps.layer_sites(session, name, self.site)
+            reps.layer_sites(model, name, self.site)
         if self.compare == ["modality"]:
-            problem = reps.text_side_missing(session, dataset)
+            problem = reps.text_side_missing(model, dataset)
             if problem:
                 raise UserError(f"svcca: cross-modal SVCCA compares the speech and the text of the same sentences, "
                                 f"but {problem}. Use compare=[language] for cross-lingual SVCCA (speech vs "
@@ -205,17 +104,17 @@ class SVCCAAnalysis(Analysis):
         return Requirements(sites=sites, positions=[self.position], labels=["semantic_id", "language"])
 
     @capped
-    def analyze(self, session: Any, dataset: Dataset, stores: dict[str, Any]) -> Result:
-        stacks = self._stacks(session)
-        depth = {m: session.plugin.resolved[s].num_layers for m, s in stacks.items()}
+    def analyze(self, model: ModelView, dataset: Dataset, stores: Stores) -> Result:
+        stacks = self._stacks(model)
+        depth = {m: model.resolved[s].num_layers for m, s in stacks.items()}
         result = Result(summary={"stacks": dict(stacks), "position": self.position, "variance (s²)": self.variance,
                                  "baseline permutations": self.baseline_permutations})
-        text_problem = reps.text_side_missing(session, dataset) if "modality" in self.compare else None
+        text_problem = reps.text_side_missing(model, dataset) if "modality" in self.compare else None
         if text_problem:
             result.notes.append(f"Cross-modal SVCCA (speech vs text) skipped: {text_problem}."
                                 + (" Only cross-lingual (speech vs speech) SVCCA is computed."
                                    if "language" in self.compare else ""))
-        for run, store in stores.items():
+        for run, store in stores.activations():
             items = self._reaching(dataset, store, stacks, result.notes if run == "baseline" else None)
             index, dropped = reps.parallel_index(items)
             if self.languages:
@@ -294,7 +193,7 @@ class SVCCAAnalysis(Analysis):
                 result.summary[f"cross-modal {lang}: svcca / baseline there"] = [arr[best, 0], arr[best, 1]]
                 _note_no_gain(result, f"Cross-modal {lang}", gain[best])
         result.tables.append(Table(f"Cross-modal SVCCA per layer (speech vs text) ({run})", rows))
-        result.figures[f"svcca_crossmodal_{run}"] = _curve_plot(
+        result.figures[f"svcca_crossmodal_{run}"] = curve_plot(
             curves, [p[0] for p in layer_pairs], f"Cross-modal SVCCA, speech vs text ({run})",
             "layer" if depth["speech"] == depth["text"] else "speech-side layer")
         return len(curves)
@@ -347,11 +246,11 @@ class SVCCAAnalysis(Analysis):
                 result.summary[f"cross-lingual {modality}: svcca / baseline there"] = [mean_sim[best],
                                                                                        mean_base[best]]
                 _note_no_gain(result, f"Cross-lingual {modality}", gain[best])
-            result.figures[f"svcca_crosslingual_{modality}_{run}"] = _curve_plot(
+            result.figures[f"svcca_crosslingual_{modality}_{run}"] = curve_plot(
                 {"mean over language pairs": np.stack([mean_sim, mean_base], 1)}, list(range(n_layers)),
                 f"Cross-lingual SVCCA, {modality} ({run})", "layer")
             shown = reps.spread_layers(list(range(n_layers)), self.heatmap_layers)
-            result.figures[f"svcca_languages_{modality}_{run}"] = _heatmaps(
+            result.figures[f"svcca_languages_{modality}_{run}"] = heatmaps(
                 sim, langs, shown, f"Cross-lingual SVCCA between {modality} of each language pair ({run} run)")
         return found
 
@@ -412,52 +311,8 @@ class _Reader:
                 seed: int) -> SVCCA:
         wx, kx = self.reduced(*a)
         wy, ky = self.reduced(*b)
-        return _svcca_reduced(wx, wy, kx, ky, permutations, seed)
+        return svcca_reduced(wx, wy, kx, ky, permutations, seed)
 
-
-# ---- figures ---------------------------------------------------------------------------------------------
-def _curve_plot(curves: dict[str, np.ndarray], layers: list[int], title: str, xlabel: str) -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for n, (name, arr) in enumerate(curves.items()):
-        color = plt.cm.tab10(n % 10)
-        ax.plot(layers, arr[:, 0], marker="o", ms=3, color=color, label=f"{name}")
-        if np.isfinite(arr[:, 1]).any():
-            ax.plot(layers, arr[:, 1], ls="--", color=color, alpha=0.7, label=f"{name} (shuffled baseline)")
-    ax.set(title=title, xlabel=xlabel, ylabel="SVCCA similarity", ylim=(0, 1.02))
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2 if len(curves) > 4 else 1)
-    fig.tight_layout()
-    return fig
-
-
-def _heatmaps(sim: np.ndarray, langs: list[str], layers: list[Any], what: str) -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(layers), figsize=(3.6 * len(layers) + 0.8, 3.4), squeeze=False)
-    for ax, layer in zip(axes[0], layers):
-        im = ax.imshow(sim[layer], vmin=0, vmax=1, cmap="viridis")
-        short = max(len(lang) for lang in langs) <= 3
-        ax.set_xticks(range(len(langs)), langs, rotation=0 if short else 90, fontsize=8)
-        ax.set_yticks(range(len(langs)), langs, fontsize=8)
-        if len(langs) <= 8:  # few languages: print the values, colours alone are hard to read off
-            for (i, j), v in np.ndenumerate(sim[layer]):
-                if np.isfinite(v) and i != j:
-                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
-                            color="black" if v > 0.6 else "white")
-        ax.set_title(f"layer {layer}", fontsize=9)
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="SVCCA")
-    fig.suptitle(what, fontsize=10)
-    return fig
 
 
 @hookimpl

@@ -29,150 +29,29 @@ only (Whisper) has no text side: ``compare=[modality]`` alone is refused before 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, ClassVar, Iterable, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
-from scipy import stats
-from scipy.special import softmax
-
 from lalm_probe.core.data import Dataset
 from lalm_probe.core.errors import UserError
-from lalm_probe.core.languages import label_code
-from lalm_probe.core.plugin import Analysis, Requirements
+from lalm_probe.core.plugin import Analysis, Requirements, Stores
 from lalm_probe.core.registry import hookimpl
+from lalm_probe.core.view import ModelView
 from lalm_probe.core.results import Result, Table
 from lalm_probe.core.threads import capped
 from lalm_probe.plugins.analyses import reps
-from lalm_probe.plugins.datasets.sentences import load_sentences
-
-
-# ---- (a) baseline-adjusted cosine ------------------------------------------------------------------------
-def cosine_matrix(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """cos(x_a, y_b) for all rows a of x and b of y (zero vectors give 0)."""
-    def unit(v: np.ndarray) -> np.ndarray:
-        v = np.asarray(v, dtype=np.float64)
-        n = np.linalg.norm(v, axis=-1, keepdims=True)
-        return v / np.where(n > 0, n, 1.0)
-
-    return unit(x) @ unit(y).T
-
-
-def adjusted_scores(sim: np.ndarray) -> tuple[np.ndarray, float]:
-    """Eq. 1 on an n×n similarity matrix whose diagonal holds the matched pairs.
-
-    Returns the per-pair scores ``sim[i, i] − off`` and ``off`` = mean of the n(n−1) off-diagonal entries.
-    """
-    n = sim.shape[0]
-    if sim.shape != (n, n) or n < 2:
-        raise ValueError(f"Eq. 1 needs a square matrix of at least 2x2 pairs; got {sim.shape}.")
-    diag = np.diag(sim)
-    off = (sim.sum() - diag.sum()) / (n * (n - 1))
-    return diag - off, float(off)
-
-
-def baseline_adjusted_cosine(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
-    """Per-pair baseline-adjusted cosine for matched rows of x and y, and the non-matching baseline."""
-    return adjusted_scores(cosine_matrix(x, y))
-
-
-def mean_ci(values: np.ndarray, level: float = 0.95, method: str = "t", seed: int = 0
-            ) -> tuple[float, float, float]:
-    """Mean and confidence interval over pairs (t-interval or percentile bootstrap)."""
-    v = np.asarray(values, dtype=np.float64)
-    m = float(v.mean())
-    if len(v) < 2 or np.ptp(v) == 0:
-        return m, m, m
-    if method == "bootstrap":
-        res = stats.bootstrap((v,), np.mean, confidence_level=level, n_resamples=2000, method="percentile",
-                              rng=np.random.default_rng(seed))
-        return m, float(res.confidence_interval.low), float(res.confidence_interval.high)
-    half = stats.t.ppf(0.5 + level / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
-    return m, m - half, m + half
-
-
-# ---- (b) token-language distribution ---------------------------------------------------------------------
-def count_tokens(tokenizer: Any, texts: dict[str, Sequence[str]], vocab_size: int) -> tuple[list[str], np.ndarray]:
-    """Languages (sorted) and a (vocab, languages) table of token counts; ids ≥ vocab_size are ignored."""
-    langs = sorted(texts)
-    counts = np.zeros((vocab_size, len(langs)))
-    for j, lang in enumerate(langs):
-        for text in texts[lang]:
-            ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=int)
-            ids = ids[(ids >= 0) & (ids < vocab_size)]
-            np.add.at(counts[:, j], ids, 1)
-    return langs, counts
-
-
-def language_given_token(counts: np.ndarray) -> np.ndarray:
-    """p(language | token) with a uniform language prior, masked where a token never occurs in a language.
-
-    Rows of tokens seen in no language are uniform. Each row sums to 1.
-    """
-    counts = np.asarray(counts, dtype=np.float64)
-    totals = counts.sum(axis=0)
-    seen = counts > 0
-    with np.errstate(divide="ignore"):
-        logp = np.where(seen, np.log(np.where(seen, counts, 1.0)) - np.log(np.where(totals > 0, totals, 1.0)),
-                        -np.inf)
-    out = np.full(counts.shape, 1.0 / counts.shape[1])
-    rows = seen.any(axis=1)
-    out[rows] = softmax(logp[rows], axis=1)
-    return out
-
-
-def language_given_hidden(logits: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """p(language | h) = Σ_w p_lens(w|h)·p(language|w), with the lens distribution truncated to the table's
-    vocabulary and renormalised (softmax of the truncated logits). Rows sum to 1."""
-    v = table.shape[0]
-    logits = np.asarray(logits, dtype=np.float64)
-    if logits.shape[-1] < v:
-        raise ValueError(f"The lens gives {logits.shape[-1]} logits but the token table has {v} tokens.")
-    return softmax(logits[..., :v], axis=-1) @ table
-
-
-def entropy(p: np.ndarray) -> np.ndarray:
-    """Shannon entropy (nats) of each row."""
-    p = np.asarray(p, dtype=np.float64)
-    return -(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)).sum(axis=-1)
-
-
-def read_corpus(path: str | Path) -> dict[str, list[str]]:
-    """Texts per language from ``language<TAB>text`` lines or JSONL objects with ``language`` and ``text``."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"hub: corpus file not found: {p}")
-    out: dict[str, list[str]] = {}
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip() or line.startswith("#"):
-            continue
-        if line.lstrip().startswith("{"):
-            try:
-                obj = json.loads(line)
-                lang, text = obj["language"], obj["text"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise UserError(f"{p}, line {n}: expected a JSON object with 'language' and 'text'.") from None
-        else:
-            lang, tab, text = line.partition("\t")
-            if not tab:
-                raise UserError(f"{p}, line {n}: expected 'language<TAB>text'.")
-        out.setdefault(str(lang).strip(), []).append(str(text))
-    if not out:
-        raise UserError(f"hub: corpus file {p} holds no text.")
-    return out
-
-
-def builtin_texts(wanted: Iterable[str] | None = None) -> dict[str, list[str]]:
-    """The built-in sentences per language: every language, or the ``wanted`` ones under the dataset's own
-    spelling (labels ``en``, ``eng`` and ``English`` all get the English sentences)."""
-    by_code: dict[str, list[str]] = {}
-    for s in load_sentences():
-        by_code.setdefault(s.language, []).append(s.text)
-    if wanted is None:
-        return by_code
-    return {label: list(by_code[label_code(label)]) for label in wanted if label_code(label) in by_code}
+from lalm_probe.plugins.analyses.hub.measure import (
+    baseline_adjusted_cosine,
+    builtin_texts,
+    count_tokens,
+    entropy,
+    language_given_token,
+    mean_ci,
+    read_corpus,
+)
+from lalm_probe.plugins.analyses.hub.plots import lens_plot, similarity_plot
+from scipy.special import softmax
 
 
 # ---- the plugin ------------------------------------------------------------------------------------------
@@ -206,38 +85,38 @@ class Hub(Analysis):
         if not (self.similarity or self.language_lens is not False):
             raise UserError("hub: both parts are switched off (similarity=false, language_lens=false).")
 
-    def _lens_on(self, session: Any, stack: str) -> bool:
+    def _lens_on(self, model: ModelView, stack: str) -> bool:
         """Whether part (b) runs: as asked, or (unset) where the stack has an unembedding."""
-        has = getattr(session.plugin.resolved[stack], "unembed", None) is not None
+        has = model.resolved[stack].unembed is not None
         if self.language_lens and not has:
-            lens_stack = getattr(session.plugin, "lens_stack", None)
+            lens_stack = model.lens_stack
             raise UserError(f"hub: the language lens needs a stack with an unembedding and '{stack}' has none; "
                             "pass language_lens=false (or leave it unset) to compare representations only"
                             + (f", or stack={lens_stack} for the lens." if lens_stack else "."))
         return has if self.language_lens is None else bool(self.language_lens)
 
-    def requirements(self, session: Any, dataset: Dataset) -> Requirements:
-        stack = reps.resolve_stack(session, self.stack)
-        reps.layer_sites(session, stack, "out")
-        lens = self._lens_on(session, stack)  # raises when asked for on a stack without an unembedding
+    def requirements(self, model: ModelView, dataset: Dataset) -> Requirements:
+        stack = reps.resolve_stack(model, self.stack)
+        reps.layer_sites(model, stack, "out")
+        lens = self._lens_on(model, stack)  # raises when asked for on a stack without an unembedding
         if not (self.similarity or lens):
             raise UserError(f"hub: nothing to compute: similarity=false and '{stack}' has no unembedding for "
                             "the language lens.")
         if self.similarity and self.compare == ["modality"]:
-            problem = reps.text_side_missing(session, dataset)
+            problem = reps.text_side_missing(model, dataset)
             if problem:
                 raise UserError(f"hub: compare=[modality] scores speech against the text of the same sentences, "
                                 f"but {problem}. Use compare=[language] for speech vs speech across languages.")
         labels = ["language"] + (["semantic_id"] if self.similarity else [])
-        position = reps.resolve_position(session, stack, self.position)
+        position = reps.resolve_position(model, stack, self.position)
         return Requirements(sites=[f"{stack}.*.out"], positions=[position], labels=labels)
 
     @capped
-    def analyze(self, session: Any, dataset: Dataset, stores: dict[str, Any]) -> Result:
-        stack = reps.resolve_stack(session, self.stack)
-        layers = [layer for layer, _ in reps.layer_sites(session, stack, "out")]
-        position = reps.resolve_position(session, stack, self.position)
-        lens = self._lens_on(session, stack)
+    def analyze(self, model: ModelView, dataset: Dataset, stores: Stores) -> Result:
+        stack = reps.resolve_stack(model, self.stack)
+        layers = [layer for layer, _ in reps.layer_sites(model, stack, "out")]
+        position = reps.resolve_position(model, stack, self.position)
+        lens = self._lens_on(model, stack)
         result = Result(summary={"stack": stack, "position": position, "language lens": lens})
         if lens:
             result.summary["lens final norm"] = self.norm
@@ -247,11 +126,11 @@ class Hub(Analysis):
         if self.position == "auto" and position == "mean":
             result.notes.append(reps.auto_position_note(stack, position))
         if self.similarity and "modality" in self.compare:
-            problem = reps.text_side_missing(session, dataset)
+            problem = reps.text_side_missing(model, dataset)
             if problem:
                 result.notes.append(f"Cross-modal (speech vs text) comparisons skipped: {problem}.")
-        table = self._token_table(session, dataset, result) if lens else None
-        for run, store in stores.items():
+        table = self._token_table(model, dataset, result) if lens else None
+        for run, store in stores.activations():
             items = reps.items_reaching(dataset, store, stack, f"{stack}.{layers[0]}.out@{position}",
                                         result.notes if run == "baseline" else None)
             ids = [it.id for it in items]
@@ -266,7 +145,7 @@ class Hub(Analysis):
                     m, lo, hi = mean_ci(per_pair, method=self.ci, seed=self.seed)
                     scores[name][li] = m, lo, hi, m + off, off
                 if table is not None:
-                    probs[li], mass[li] = self._lens_probs(session, stack, x, table[1], table[2])
+                    probs[li], mass[li] = self._lens_probs(model, stack, layer, x, table[1], table[2])
             if pairs:
                 self._report_similarity(result, run, scores, {n: len(ra) for n, ra, _ in pairs}, layers)
             if table is not None:
@@ -327,7 +206,7 @@ class Hub(Analysis):
             result.summary["similarity: comparisons"] = len(curves)
             result.summary["similarity: best layer (mean over comparisons)"] = layers[best]
             result.summary["similarity: adjusted cosine there"] = float(mean[best])
-        result.figures[f"hub_similarity_{run}"] = _similarity_plot(curves, layers, run)
+        result.figures[f"hub_similarity_{run}"] = similarity_plot(curves, layers, run)
 
     # ---- (b) --------------------------------------------------------------------------------------------
     def texts(self, dataset: Dataset) -> dict[str, list[str]]:
@@ -352,10 +231,10 @@ class Hub(Analysis):
             out.update(builtin_texts(wanted - set(out)))
         return out
 
-    def _token_table(self, session: Any, dataset: Dataset, result: Result
+    def _token_table(self, model: ModelView, dataset: Dataset, result: Result
                      ) -> tuple[list[str], np.ndarray, np.ndarray]:
         """Languages, p(language | token) and which tokens the table has seen at all."""
-        tok = session.plugin.tokenizer
+        tok = model.tokenizer
         vocab = int(getattr(tok, "vocab_size", 0) or len(tok))
         texts = self.texts(dataset)
         if len(texts) < 2:
@@ -370,13 +249,14 @@ class Hub(Analysis):
                                 "so p(dominant | h) is not reported.")
         return langs, language_given_token(counts), counts.sum(axis=1) > 0
 
-    def _lens_probs(self, session: Any, stack: str, x: np.ndarray, p_tok: np.ndarray, seen: np.ndarray
-                    ) -> tuple[np.ndarray, np.ndarray]:
+    def _lens_probs(self, model: ModelView, stack: str, layer: Any, x: np.ndarray, p_tok: np.ndarray,
+                    seen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """p(language | h) for every row of x and the lens mass on tokens the table has seen (``table_mass``),
         projecting ``chunk`` rows at a time (vocabularies are large)."""
         out, mass = np.zeros((len(x), p_tok.shape[1])), np.zeros(len(x))
         for start in range(0, len(x), self.chunk):
-            logits = session.lens(x[start:start + self.chunk], stack, self.norm)
+            logits = model.lens(x[start:start + self.chunk], stack, self.norm,
+                                layer if isinstance(layer, int) else None)
             logits = logits.detach().float().cpu().numpy() if hasattr(logits, "detach") else np.asarray(logits)
             # an unembedding narrower than the tokenizer cannot predict the extra tokens: drop them from the table
             v = min(logits.shape[-1], p_tok.shape[0])
@@ -443,57 +323,8 @@ class Hub(Analysis):
                     result.summary[f"p({self.dominant}|h), non-{self.dominant} {mod} input: peak layer"] = layers[best]
                     result.summary[f"p({self.dominant}|h), non-{self.dominant} {mod} input: peak value"] = float(
                         curve[best])
-        result.figures[f"hub_language_lens_{run}"] = _lens_plot(curves, layers, self.dominant, run)
+        result.figures[f"hub_language_lens_{run}"] = lens_plot(curves, layers, self.dominant, run)
 
-
-# ---- figures ---------------------------------------------------------------------------------------------
-def _similarity_plot(curves: dict[str, np.ndarray], layers: list, run: str) -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4))
-    x = np.arange(len(layers))
-    for n, (name, c) in enumerate(curves.items()):
-        color = plt.cm.tab10(n % 10) if len(curves) <= 10 else plt.cm.tab20(n % 20)
-        ax.plot(x, c[:, 0], marker="o", ms=3, color=color, label=name)
-        ax.fill_between(x, c[:, 1], c[:, 2], color=color, alpha=0.15)
-    ax.axhline(0, color="grey", lw=0.8)
-    ax.set_xticks(x, [str(layer) for layer in layers], fontsize=7)
-    ax.set(title=f"Matched minus non-matched cosine (Eq. 1), 95% CI ({run})", xlabel="layer",
-           ylabel="baseline-adjusted cosine")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2 if len(curves) > 6 else 1)
-    fig.tight_layout()
-    return fig
-
-
-def _lens_plot(curves: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]], layers: list, dominant: str,
-               run: str) -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    mods = sorted({m for m, _ in curves})
-    fig, axes = plt.subplots(1, len(mods), figsize=(6.5 * len(mods), 4), squeeze=False)
-    x = np.arange(len(layers))
-    for ax, mod in zip(axes[0], mods):
-        langs = sorted(lang for m, lang in curves if m == mod)
-        for n, lang in enumerate(langs):
-            p_in, p_dom = curves[(mod, lang)]
-            color = plt.cm.tab10(n % 10) if len(langs) <= 10 else plt.cm.tab20(n % 20)
-            ax.plot(x, p_in, color=color, label=f"{lang}: p({lang}|h)")
-            if lang != dominant and np.isfinite(p_dom).any():
-                ax.plot(x, p_dom, color=color, ls="--", label=f"{lang}: p({dominant}|h)")
-        ax.set_xticks(x, [str(layer) for layer in layers], fontsize=7)
-        ax.set(title=f"{mod} input: lens language probability ({run})", xlabel="layer", ylabel="p(language | h)",
-               ylim=(0, 1))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, ncol=2 if len(langs) > 4 else 1)
-    fig.tight_layout()
-    return fig
 
 
 @hookimpl

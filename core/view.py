@@ -1,0 +1,88 @@
+"""The narrow, read-only view of a model that analyses and interventions get: no forward passes.
+
+Analyses are functions of stores; what they may know about the model is here: its stacks (layer counts, sites,
+widths), the logit lens, the tokenizer, how it spells label values and its default prompt. Running the model is
+the engine's job, so every number an analysis reports comes from a store and can be recomputed from a run folder.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from .data import Stimulus
+from .errors import UserError
+from .model import ModelPlugin, Prompt
+from .stacks import ResolvedStack
+
+
+class ModelView:
+    """What an analysis may know about a loaded model plugin."""
+
+    def __init__(self, plugin: ModelPlugin) -> None:
+        self._plugin = plugin
+
+    @property
+    def name(self) -> str:
+        return self._plugin.name
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(self._plugin.modalities)
+
+    @property
+    def lens_stack(self) -> str | None:
+        return self._plugin.lens_stack
+
+    @property
+    def resolved(self) -> Mapping[str, ResolvedStack]:
+        """Every stack: layer count, components, extras, widths, whether it runs per step, lens modules."""
+        return self._plugin.resolved
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._plugin.tokenizer
+
+    def label_words(self, key: str) -> dict[str, str] | None:
+        return self._plugin.label_words(key)
+
+    def default_prompt(self, item: Stimulus) -> Prompt:
+        return self._plugin.default_prompt(item)
+
+    def width(self, site: str) -> int:
+        """Units of a site (``lm.3.mlp_act``)."""
+        return self._plugin.width(site)
+
+    def causal(self, stack: str) -> bool:
+        """Whether a stack is an LM / decoder (its last position has read the whole input) rather than an encoder."""
+        st = self.resolved[stack]
+        return stack == self.lens_stack or st.unembed is not None or st.spec.runs == "per_step"
+
+    def lens(self, hidden: torch.Tensor | np.ndarray, stack: str | None = None, norm: bool = True,
+             layer: int | None = None) -> torch.Tensor:
+        """Project hidden states to vocabulary logits: ``unembed(norm(h))`` or ``unembed(h)`` (float32).
+
+        ``layer``: where ``hidden`` comes from. The last layer's state always goes through the final norm, also
+        with ``norm=False``: the norm is part of what the model outputs (HF's ``hidden_states[-1]``, which the
+        semantic-hub code reads, is after it), so the last layer's lens is the model's own logits.
+        """
+        name = stack or self.lens_stack
+        if name is None or name not in self.resolved:
+            raise UserError(f"Model '{self.name}' declares no stack with an unembedding for the logit lens.")
+        st = self.resolved[name]
+        if st.unembed is None:
+            raise UserError(f"Stack '{name}' has no unembedding; the logit lens needs one.")
+        model = self._plugin.model
+        h = torch.as_tensor(np.asarray(hidden) if not isinstance(hidden, torch.Tensor) else hidden)
+        h = h.to(self._plugin.device, dtype=next(model.parameters()).dtype)
+        norm = norm or (layer is not None and layer % st.num_layers == st.num_layers - 1)
+        with torch.no_grad():
+            if norm and st.final_norm is not None:
+                h = model.get_submodule(st.final_norm)(h)
+            return model.get_submodule(st.unembed)(h).float()
+
+    def decode_tokens(self, ids: Any) -> list[str]:
+        """Token ids as readable text (byte-level BPE pieces decoded, not shown as ``ĠÐ¸``)."""
+        return [self.tokenizer.decode([int(i)]) for i in np.asarray(ids).reshape(-1)]
