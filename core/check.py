@@ -50,15 +50,21 @@ class Finding:
 
 
 def probe_items(plugin: ModelPlugin) -> dict[str, list[Stimulus]]:
-    """Three items of different lengths per modality the model takes (speech: tones; text: sentences)."""
+    """Three items of different lengths per modality the model takes (speech: tones; text: sentences).
+
+    The tones carry a little seeded noise: a pure tone leaves some filterbank channels constant, which a per-utterance
+    standardisation (SONAR's, w2v-BERT's) divides by a zero deviation.
+    """
     sr = plugin.sample_rate
     out: dict[str, list[Stimulus]] = {}
     if "speech" in plugin.modalities:
         clips = []
         for i, seconds in enumerate((0.6, 1.3, 0.9)):
             t = np.arange(int(sr * seconds)) / sr
-            clips.append(Stimulus(f"speech-{i}", audio=(0.3 * np.sin(2 * np.pi * (150 + 90 * i) * t)).astype(np.float32),
-                                  sample_rate=sr, prompt="Describe the audio.", labels={"language": "en"}))
+            noise = 0.01 * np.random.default_rng(i).standard_normal(len(t))
+            clip = (0.3 * np.sin(2 * np.pi * (150 + 90 * i) * t) + noise).astype(np.float32)
+            clips.append(Stimulus(f"speech-{i}", audio=clip, sample_rate=sr, prompt="Describe the audio.",
+                                  labels={"language": "en"}))
         out["speech"] = clips
     if "text" in plugin.modalities:
         texts = ("hello world", "the cat sat on the mat all day long", "good morning")
@@ -68,9 +74,10 @@ def probe_items(plugin: ModelPlugin) -> dict[str, list[Stimulus]]:
 
 
 def _gap(a: torch.Tensor, ref: torch.Tensor) -> float:
-    """Largest absolute difference, relative to the reference's scale."""
+    """Largest absolute difference, relative to the reference's scale (infinite when either holds NaN or inf, which
+    would otherwise compare as no difference at all)."""
     a, ref = a.float().cpu(), ref.float().cpu()
-    if a.shape != ref.shape:
+    if a.shape != ref.shape or not (torch.isfinite(a).all() and torch.isfinite(ref).all()):
         return float("inf")
     return float((a - ref).abs().max()) / max(1.0, float(ref.abs().max())) if a.numel() else 0.0
 

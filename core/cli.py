@@ -75,8 +75,8 @@ def _load(args: argparse.Namespace) -> tuple[type, Any]:
     cls = _registry().get("model", name)
 
     def load() -> Any:
-        plugin = cls.load(args.checkpoint or cls.default_checkpoint, device=args.device, dtype=args.dtype)
-        return plugin.configure(**options)
+        return cls.load(args.checkpoint or cls.default_checkpoint, device=args.device, dtype=args.dtype,
+                        options=options)
 
     return cls, load
 

@@ -86,6 +86,8 @@ class ModelPlugin:
     audio_token: ClassVar[str | None] = None  # the placeholder the processor expands per audio frame, if any
     # Run-time options (``--model whisper:language=en``) and their defaults; the default's type is the option's.
     option_defaults: ClassVar[dict[str, Any]] = {}
+    # Options that say where the weights come from (a release's per-part sources): passed to ``load_weights``.
+    load_options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: torch.nn.Module, processor: Any, checkpoint: str) -> None:
         self.model = model.eval()
@@ -97,23 +99,37 @@ class ModelPlugin:
 
     def configure(self, **options: Any) -> "ModelPlugin":
         """Set run-time options, coerced to the type of their defaults; unknown names are refused."""
-        unknown = sorted(set(options) - set(self.option_defaults))
-        if unknown:
-            raise UserError(f"Model '{self.name}': unknown option(s) {unknown}; valid: "
-                            f"{', '.join(self.option_defaults) or 'none'}.")
-        for key, value in options.items():
-            default = self.option_defaults[key]
-            tp = str if default is None else type(default)
-            self.options[key] = coerce_value(value, tp | None, f"model '{self.name}' option '{key}'")
+        self.options.update(self.coerce_options(options))
         return self
+
+    @classmethod
+    def coerce_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """Options coerced to the type of their defaults; unknown names are refused."""
+        unknown = sorted(set(options) - set(cls.option_defaults))
+        if unknown:
+            raise UserError(f"Model '{cls.name}': unknown option(s) {unknown}; valid: "
+                            f"{', '.join(cls.option_defaults) or 'none'}.")
+        out = {}
+        for key, value in options.items():
+            default = cls.option_defaults[key]
+            tp = str if default is None else type(default)
+            out[key] = coerce_value(value, tp | None, f"model '{cls.name}' option '{key}'")
+        return out
 
     # ---- loading ------------------------------------------------------------------------------------
     @classmethod
-    def load(cls, checkpoint: str, device: str = "cpu", dtype: str = "float32",
-             device_map: str | None = None) -> "ModelPlugin":
-        """Load weights and processor from a hub id, a local directory or ``tiny``."""
-        model, processor = cls.load_weights(cls.source(checkpoint), device=device, dtype=dtype, device_map=device_map)
-        return cls(model, processor, checkpoint)
+    def load(cls, checkpoint: str, device: str = "cpu", dtype: str = "float32", device_map: str | None = None,
+             options: dict[str, Any] | None = None) -> "ModelPlugin":
+        """Load weights and processor from a hub id, a local directory or ``tiny``, then set ``options``.
+
+        The options named in ``load_options`` (where a release's parts come from) go to ``load_weights``, so a
+        model assembled from several sources takes them on the command line like any other option.
+        """
+        opts = cls.coerce_options(options or {})
+        parts = {k: opts.get(k, cls.option_defaults[k]) for k in cls.load_options}
+        model, processor = cls.load_weights(cls.source(checkpoint), device=device, dtype=dtype, device_map=device_map,
+                                            **parts)
+        return cls(model, processor, checkpoint).configure(**opts)
 
     @classmethod
     def source(cls, checkpoint: str) -> str | Path:

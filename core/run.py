@@ -205,8 +205,8 @@ def _load(cfg: RunConfig, registry: Registry, console: Any) -> Session:
     cls = registry.get("model", name)
     checkpoint = cfg.checkpoint or cls.default_checkpoint
     console.print(f"Loading [bold]{name}[/bold] ({checkpoint}) …")
-    plugin = cls.load(checkpoint, device=cfg.device, dtype=cfg.dtype, device_map=cfg.device_map)
-    return Session(plugin.configure(**options))
+    return Session(cls.load(checkpoint, device=cfg.device, dtype=cfg.dtype, device_map=cfg.device_map,
+                            options=options))
 
 
 def execute(cfg: RunConfig, registry: Registry, console: Any) -> tuple[Path, Result | None]:

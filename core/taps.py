@@ -46,6 +46,8 @@ LAYOUTS: dict[str, tuple[Callable[[Any], torch.Tensor], Callable[[Any, torch.Ten
     "channels_first": (lambda out: out.transpose(1, 2), lambda _out, view: view.transpose(1, 2)),
     "packed": (_packed_view, _packed_back),
     "altup": (lambda out: out[0], lambda out, view: torch.cat([view.unsqueeze(0), out[1:]])),
+    # a pooled ``(batch, units)`` output (a sentence embedding) read and edited as one position
+    "vector": (lambda out: out.unsqueeze(1), lambda _out, view: view.squeeze(1)),
 }
 
 

@@ -48,6 +48,13 @@ class Op:
         return self.kind == "edit_call" or self.io == "input"
 
 
+def _child(env: Any, name: str) -> Any:
+    """The envoy of submodule ``name``. nnsight mounts a submodule named after a value it serves (every BERT layer
+    has an ``output`` module) as ``E_<name>``, so a module path through it resolves there, not to the value."""
+    mounted = env.__dict__.get(f"{getattr(env, 'OVERLOAD_PREFIX', 'E_')}{name}")
+    return mounted if mounted is not None else getattr(env, name)
+
+
 def _first(output: Any) -> torch.Tensor:
     """Attention and some layers return tuples; the hidden states are the first element."""
     return output[0] if isinstance(output, tuple) else output
@@ -62,8 +69,8 @@ class Tracer:
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
-        with warnings.catch_warnings():  # submodules named like nnsight attributes are reached as E_<name> (_env)
-            warnings.filterwarnings("ignore", message=".*which nnsight already serves on every module.*")
+        with warnings.catch_warnings():  # BERT's `output` submodules: _env resolves them, the notice is noise here
+            warnings.filterwarnings("ignore", message=".*nnsight already serves.*")
             self.envoy = NNsight(model)
         self._envoys: dict[str, Any] = {}
 
@@ -71,9 +78,7 @@ class Tracer:
         if path not in self._envoys:
             env = self.envoy
             for part in path.split("."):
-                # A submodule named like an nnsight attribute (a BERT layer's `output`) is served as `E_<name>`.
-                alias = f"E_{part}"
-                env = env[int(part)] if part.isdigit() else getattr(env, alias if alias in vars(env) else part)
+                env = env[int(part)] if part.isdigit() else _child(env, part)
             self._envoys[path] = env
         return self._envoys[path]
 

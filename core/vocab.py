@@ -26,7 +26,8 @@ class Component:
     hidden activation is the input of its output projection). ``width``: the number of units, inferred from the
     module when it is a Linear, Conv1d, norm or Embedding; otherwise another component's name, an int, or a function
     of the module. ``layout``: ``channels_first`` outputs ``(batch, channels, time)`` are read
-    and edited time-major through a tap (see :mod:`~lalm_probe.core.taps`).
+    and edited time-major through a tap, ``vector`` outputs ``(batch, units)`` as one position (see
+    :mod:`~lalm_probe.core.taps`).
     """
 
     path: str | tuple[str, ...] = ""

@@ -59,6 +59,18 @@ class PaddingLeak(Qwen2Audio):
         return prepared
 
 
+class NaNAudio(Qwen2Audio):
+    """Feeds NaN features: every audio read is NaN, alone and in a batch alike."""
+
+    name = "broken-nan"
+
+    def prepare(self, items, audio, prompts):
+        prepared = super().prepare(items, audio, prompts)
+        if "input_features" in prepared.inputs:
+            prepared.inputs["input_features"] = prepared.inputs["input_features"] * float("nan")
+        return prepared
+
+
 class LensWithoutNorm(Qwen2Audio):
     name = "broken-lens"
     stacks = (Qwen2Audio.stacks[0], _lm_stack(final_norm=()))
@@ -69,6 +81,7 @@ class LensWithoutNorm(Qwen2Audio):
     (WrongWidth, "sites", "lm.0.mlp_up: read shape (3, 128), declared width 99"),
     (PaddingLeak, "padding", "alone and in a padded batch differ"),
     (LensWithoutNorm, "lens", "lm.7.out: the lens gives logits"),
+    (NaNAudio, "padding", "alone and in a padded batch differ by inf"),  # NaN never compares as "no difference"
 ])
 def test_a_broken_plugin_fails_its_check_with_one_clear_line(broken, check, says):
     findings = run_checks(lambda: broken.load("tiny"), None if check == "paths" else [check])

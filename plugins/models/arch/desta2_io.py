@@ -23,7 +23,7 @@ from lalm_probe.core.errors import UserError
 
 from .desta2 import Desta2Config, DestaModel
 from .layout import Batch, RowSpans, left_pad, positions_from_mask, token_span, whisper_frames
-from .sources import assign, fetch, read_json, torch_load
+from .sources import assign, base_model_source, fetch, read_json, torch_load
 from .tiny import LLAMA3_CHAT_TEMPLATE, LLAMA3_SPECIALS, byte_tokenizer, tiny_llama, tiny_whisper
 
 WHAT = "DeSTA2"
@@ -127,7 +127,8 @@ def load_desta2(source: str | Path, *, dtype: torch.dtype = torch.float32, devic
                 llama_model: str | None = None) -> tuple[DestaModel, Desta2Processor]:
     """Assemble DeSTA2 from its checkpoint (``config.json`` + ``qformer_connector.pth``) and its two base models.
 
-    ``whisper_model`` / ``llama_model`` override ``whisper_model_id`` / ``llama_model_id`` (e.g. local copies).
+    ``whisper_model`` / ``llama_model`` override ``whisper_model_id`` / ``llama_model_id`` (e.g. local copies);
+    without them a local checkpoint directory's own ``<dir>/<model id>`` folders are used when present.
     The release's remote code (``trust_remote_code``) is not offered: its config and module ``__init__`` download
     both base models from the hub by id (so local copies and offline use are impossible), and it was never run on
     transformers 5 here.
@@ -139,8 +140,8 @@ def load_desta2(source: str | Path, *, dtype: torch.dtype = torch.float32, devic
     if raw.get("model_type") != "DestaModel":
         raise UserError(f"{WHAT}: '{src}' is not a DeSTA2 checkpoint (model_type {raw.get('model_type')!r}).")
     connector = torch_load(fetch(src, "qformer_connector.pth", what=WHAT), what=WHAT)
-    whisper_src = whisper_model or raw["whisper_model_id"]
-    llama_src = llama_model or raw["llama_model_id"]
+    whisper_src = whisper_model or base_model_source(src, raw["whisper_model_id"])
+    llama_src = llama_model or base_model_source(src, raw["llama_model_id"])
     kwargs: dict[str, Any] = {"dtype": dtype, **({"device_map": device_map} if device_map else {})}
     try:
         whisper = WhisperForConditionalGeneration.from_pretrained(whisper_src, dtype=dtype)

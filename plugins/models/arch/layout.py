@@ -13,6 +13,10 @@ from typing import Any, Sequence
 
 import torch
 
+from lalm_probe.core.data import Stimulus
+from lalm_probe.core.model import Prompt
+from lalm_probe.core.positions import Positions
+
 
 @dataclass(frozen=True)
 class RowSpans:
@@ -92,3 +96,17 @@ def placeholder_positions(batch: Batch) -> list[list[int]]:
     for row in batch.rows:
         out.append(list(range(row.offset + row.audio[0], row.offset + row.audio[1])) if row.audio else [])
     return out
+
+
+def user_text(item: Stimulus, prompt: Prompt) -> str | None:
+    """The text of the user turn, as :class:`~lalm_probe.core.audio_lm.AudioLM` builds it: after a clip the
+    instruction; for a text item its text, then the instruction on a new line."""
+    if item.has_audio:
+        return prompt.user
+    return "\n".join(t for t in (item.text, prompt.user) if t) or None
+
+
+def lm_positions(row: RowSpans) -> Positions:
+    """A row's positions on the LM: its spans ``audio`` and ``text``, and the family's extra spans."""
+    spans = {name: span for name, span in (("audio", row.audio), ("text", row.text), *row.extra.items()) if span}
+    return Positions(row.offset, row.length, spans)

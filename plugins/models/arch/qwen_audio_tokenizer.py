@@ -127,7 +127,17 @@ class QwenTokenizer:
         ids = [ids] if isinstance(ids, int) else [int(i) for i in ids]
         if skip_special_tokens:
             ids = [i for i in ids if i < self.eod_id]
-        return self.encoding.decode(ids, errors=errors or self.errors)
+        # The LM's rows past the vocabulary (its embedding is padded to a multiple of 64) have no text; a logit lens
+        # can still rank them first, so they read as ``<|unused_i|>`` instead of failing.
+        text, run = "", []
+        for i in ids + [None]:
+            if i is not None and i in self.decoder:
+                run.append(i)
+                continue
+            text += self.encoding.decode(run, errors=errors or self.errors) if run else ""
+            text += f"<|unused_{i}|>" if i is not None else ""
+            run = []
+        return text
 
     def batch_decode(self, sequences: Iterable[Iterable[int]], skip_special_tokens: bool = False) -> list[str]:
         return [self.decode(seq, skip_special_tokens=skip_special_tokens) for seq in sequences]

@@ -127,8 +127,10 @@ class SalmonnModel(PreTrainedModel, GenerationMixin):
         windows = speech.unfold(1, kernel, stride)  # (b, L, c, kernel)
         windows = windows.permute(0, 1, 3, 2).reshape(-1, kernel, c)
         queries = self.speech_query_tokens.expand(windows.shape[0], -1, -1).to(windows.dtype)
-        out = self.speech_llama_proj(self.speech_Qformer(queries, windows))
-        return out.view(b, -1, out.shape[-1])
+        query = self.speech_Qformer(queries, windows)  # (clips * windows, queries, width): windows on the batch axis
+        # The release projects then views per clip; projecting the per-clip view is the same product, and makes the
+        # projector's input (the Q-Former output) and output readable per clip, windows on the time axis.
+        return self.speech_llama_proj(query.reshape(b, -1, query.shape[-1]))
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, input_features: torch.Tensor | None = None,

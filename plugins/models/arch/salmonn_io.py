@@ -149,19 +149,55 @@ def _checkpoint(ckpt: str, filename: str | None, allow_pickle: bool) -> dict[str
     return obj["model"]
 
 
-def load_salmonn(ckpt: str | Path, *, whisper: str = "openai/whisper-large-v2", beats: str | Path | None = None,
+FOLDER_CONFIG = "config.json"
+PART_KEYS = {"whisper": "whisper_path", "beats": "beats_path", "llama": "llama_path"}
+
+
+def local_release(folder: Path) -> tuple[str, dict[str, str]]:
+    """A local SALMONN folder: the checkpoint file and the parts its ``config.json`` names.
+
+    ``config.json`` holds the ``model:`` block of the release's ``configs/decode_config.yaml`` (``ckpt``,
+    ``whisper_path``, ``beats_path``, ``llama_path``; relative paths are inside the folder). Without it the folder
+    must hold exactly one checkpoint ``.pth``, and the parts come from the options or their defaults.
+    """
+    config = folder / FOLDER_CONFIG
+    if config.is_file():
+        block = read_json(folder, FOLDER_CONFIG, what=WHAT)
+        block = block.get("model", block)
+        paths = {}
+        for key, field in {**PART_KEYS, "ckpt": "ckpt"}.items():
+            if block.get(field):  # a path inside the folder, else as written (an absolute path or a hub id)
+                paths[key] = str(folder / block[field]) if (folder / block[field]).exists() else block[field]
+        if "ckpt" not in paths:
+            raise UserError(f"{WHAT}: '{config}' names no 'ckpt' (the release checkpoint .pth).")
+        return paths.pop("ckpt"), paths
+    found = sorted(folder.glob("*.pth"))
+    if len(found) != 1:
+        raise UserError(f"{WHAT}: '{folder}' should hold one checkpoint .pth (or a config.json naming it and the "
+                        f"parts), found {len(found)}.")
+    return str(found[0]), {}
+
+
+def load_salmonn(ckpt: str | Path, *, whisper: str | None = None, beats: str | Path | None = None,
                  llama: str | None = None, filename: str | None = None, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu", device_map: str | dict | None = None,
                  lora_alpha: float = 32.0, lora_dropout: float = 0.1,
                  allow_pickle: bool = False) -> tuple[SalmonnModel, SalmonnProcessor]:
-    """Assemble SALMONN from its checkpoint (a ``.pth`` file or a release hub id) and its base models.
+    """Assemble SALMONN from its checkpoint (a ``.pth`` file, a release hub id or a local folder, see
+    :func:`local_release`) and its base models.
 
-    ``beats`` is the BEATs ``.pt`` file (``BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt``, not on the hub);
-    ``llama`` defaults to the Vicuna of the release's README matching the checkpoint's LM width. LoRA rank and
-    targets are read from the checkpoint; ``lora_alpha`` (32 in every released config) cannot be.
+    ``whisper`` defaults to ``openai/whisper-large-v2``; ``beats`` is the BEATs ``.pt`` file
+    (``BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt``, not on the hub); ``llama`` defaults to the Vicuna of
+    the release's README matching the checkpoint's LM width. LoRA rank and targets are read from the checkpoint;
+    ``lora_alpha`` (32 in every released config) cannot be.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, WhisperFeatureExtractor
 
+    if Path(str(ckpt)).is_dir():
+        ckpt, parts = local_release(Path(str(ckpt)))
+        whisper, beats = whisper or parts.get("whisper"), beats or parts.get("beats")
+        llama = llama or parts.get("llama")
+    whisper = whisper or "openai/whisper-large-v2"
     state = _checkpoint(str(ckpt), filename, allow_pickle)
     lora = {k: v for k, v in state.items() if ".lora_A." in k}
     if not lora:

@@ -30,6 +30,15 @@ def is_local(source: str | Path) -> bool:
     return False
 
 
+def base_model_source(checkpoint: str | Path, model_id: str | None) -> str | None:
+    """Where a base model that a release names by hub id comes from: a folder of that name inside a local checkpoint
+    directory when there is one (``<dir>/openai/whisper-large-v3-turbo``: one folder then carries the whole release
+    offline), else the id itself (the hub or its local cache)."""
+    if model_id and Path(str(checkpoint)).is_dir() and (Path(str(checkpoint)) / model_id).is_dir():
+        return str(Path(str(checkpoint)) / model_id)
+    return model_id
+
+
 def fetch(source: str | Path, filename: str, *, what: str, required: bool = True) -> Path | None:
     """One file of a part: ``<dir>/<filename>`` for a local directory, else from the hub (or its local cache)."""
     src = str(source)

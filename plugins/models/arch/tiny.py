@@ -93,3 +93,17 @@ def tiny_llama(vocab_size: int, *, seed: int, hidden: int = 64, layers: int = 2,
                       pad_token_id=pad)
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg).eval()
+
+
+def release_folder(out_dir, paths: dict, top: str, parts: dict[str, str]) -> None:
+    """Lay a tiny build out as one local release folder: the files of ``paths[top]`` at ``out_dir``, each base model
+    ``paths[name]`` in the folder its hub id ``parts[name]`` names (what ``sources.base_model_source`` finds)."""
+    import shutil
+    from pathlib import Path
+
+    out_dir = Path(out_dir)
+    for item in Path(paths[top]).iterdir():
+        shutil.move(str(item), out_dir / item.name)
+    for name, model_id in parts.items():
+        (out_dir / model_id).parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(paths[name]), out_dir / model_id)

@@ -20,7 +20,7 @@ import torch
 from lalm_probe.core.errors import UserError
 
 from .layout import Batch, RowSpans, left_pad, positions_from_mask, token_span
-from .sources import assign, fetch, read_json, read_tensors, weight_files
+from .sources import assign, base_model_source, fetch, read_json, read_tensors, weight_files
 from .tiny import LLAMA3_CHAT_TEMPLATE, LLAMA3_SPECIALS, byte_tokenizer, tiny_llama, tiny_whisper
 from .ultravox import UltravoxConfig, UltravoxModel
 
@@ -143,7 +143,8 @@ def load_ultravox(source: str | Path, *, dtype: torch.dtype = torch.float32, dev
                   trust_remote_code: bool = False) -> tuple[UltravoxModel, UltravoxProcessor]:
     """Assemble a released Ultravox from its checkpoint (hub id or directory) and its two base models.
 
-    ``audio_model`` / ``text_model`` override the checkpoint's ``audio_model_id`` / ``text_model_id`` (local copies).
+    ``audio_model`` / ``text_model`` override the checkpoint's ``audio_model_id`` / ``text_model_id`` (local copies);
+    without them a local checkpoint directory's own ``<dir>/<model id>`` folders are used when present.
     ``trust_remote_code`` is refused: the hub code is written for transformers 4.4x and calls what transformers 5
     removed (``transformers.modeling_utils._init_weights`` when building the tower,
     ``ModuleUtilsMixin.get_extended_attention_mask`` in its encoder forward); it also imports ``peft``/``accelerate``.
@@ -158,8 +159,8 @@ def load_ultravox(source: str | Path, *, dtype: torch.dtype = torch.float32, dev
     if raw.get("model_type") != "ultravox":
         raise UserError(f"{WHAT}: '{src}' is not an Ultravox checkpoint (model_type {raw.get('model_type')!r}).")
     trained = read_tensors(weight_files(src, what=WHAT), what=WHAT)
-    audio_src = audio_model or raw.get("audio_model_id")
-    text_src = text_model or raw.get("text_model_id")
+    audio_src = audio_model or base_model_source(src, raw.get("audio_model_id"))
+    text_src = text_model or base_model_source(src, raw.get("text_model_id"))
     audio_cfg = _sub_config(audio_src, f"{WHAT} audio encoder") if audio_src else raw.get("audio_config")
     text_cfg = _sub_config(text_src, f"{WHAT} language model") if text_src else raw.get("text_config")
     if audio_cfg is None or text_cfg is None:
