@@ -26,7 +26,7 @@ err_console = Console(stderr=True)
 
 def _one_line_warnings() -> None:
     def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001 - warnings API
-        err_console.print(f"[yellow]warning:[/yellow] {escape(str(message))}", highlight=False)
+        err_console.print(f"[yellow]warning:[/yellow] {escape(str(message))}", highlight=False, soft_wrap=True)
 
     warnings.showwarning = show
 
@@ -229,7 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser(_registry() if argv[:1] == ["data"] else None).parse_args(argv)
         return args.func(args)
     except UserError as exc:
-        err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)  # keeps [lists]
+        # one line, never wrapped; escape keeps [lists] in messages
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         err_console.print("[red]interrupted[/red]; rerun with the same --out to resume the collection.")
