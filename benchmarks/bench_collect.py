@@ -13,8 +13,10 @@ import time
 import numpy as np
 import torch
 
+from lalm_probe.core.collect import collect
 from lalm_probe.core.data import Dataset, Stimulus
 from lalm_probe.core.engine import Session
+from lalm_probe.core.plugin import Reads
 from lalm_probe.core.store import ActivationStore
 from lalm_probe.plugins.models.qwen2audio import Qwen2Audio
 
@@ -41,7 +43,7 @@ def probe_collect(session: Session, dataset: Dataset, batch_size: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         store = ActivationStore(tmp, {"bench": 1})
         start = time.perf_counter()
-        session.collect(dataset, ["lm.*.out"], ["last"], store, batch_size=batch_size)
+        collect(session, dataset, [Reads(["lm.*.out"], ["last"])], store, batch_size=batch_size)
         return time.perf_counter() - start
 
 
@@ -61,7 +63,7 @@ def main() -> None:
 
     def timed_probe() -> float:
         it = iter(batches)
-        session.prepare = lambda items, prompt_fn=None: next(it)
+        session.prepare = lambda items, prompt_fn=None: next(it)  # noqa: ARG005
         return probe_collect(session, dataset, args.batch_size)
 
     timed_probe(), plain_hook_loop(session, batches)  # warm-up

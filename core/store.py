@@ -79,8 +79,11 @@ class StoredArray:
 
     def __init__(self, key: str, places: list[tuple[_Segment, int]], ids: list[str], dtype: str) -> None:
         self.key, self.ids, self.dtype = key, ids, dtype
-        self._places = places
-        first = places[0][0].open(key) if places else np.zeros((0, 0))
+        self._segments = list({id(seg): seg for seg, _ in places}.values())
+        number = {id(seg): n for n, seg in enumerate(self._segments)}
+        self._seg = np.array([number[id(seg)] for seg, _ in places], dtype=np.int32)
+        self._row = np.array([row for _, row in places], dtype=np.int64)
+        first = self._segments[0].open(key) if self._segments else np.zeros((0, 0))
         self.shape = (len(ids), *first.shape[1:])
 
     def __len__(self) -> int:
@@ -89,22 +92,18 @@ class StoredArray:
     def __getitem__(self, index: Any) -> np.ndarray:
         rows, cols = (index if isinstance(index, tuple) else (index, slice(None)))
         picked = np.arange(len(self.ids))[rows]
+        single = np.ndim(picked) == 0
         picked = np.atleast_1d(picked)
         out = np.empty((len(picked), *np.empty(self.shape[1:])[cols].shape), dtype=np.float32)
-        groups: dict[int, list[tuple[int, int]]] = {}
-        segments = {}
-        for n, r in enumerate(picked):
-            seg, row = self._places[int(r)]
-            groups.setdefault(id(seg), []).append((n, row))
-            segments[id(seg)] = seg
-        for sid, pairs in groups.items():
-            data = segments[sid].open(self.key)
-            where = np.array([p[0] for p in pairs])
-            src = np.array([p[1] for p in pairs])
-            order = np.argsort(src, kind="stable")  # memmaps read fastest in row order
-            out[where[order]] = _from_disk(data[src[order]][(slice(None), cols)], self.dtype)
-        return out if np.ndim(np.arange(len(self.ids))[rows]) else out[0]
-
+        segs, srcs = self._seg[picked], self._row[picked]
+        for s in np.unique(segs):
+            where = np.flatnonzero(segs == s)
+            order = np.argsort(srcs[where], kind="stable")  # memmaps read fastest in row order
+            src = srcs[where][order]
+            data = self._segments[s].open(self.key)
+            block = data[src[0]:src[-1] + 1] if src[-1] - src[0] + 1 == len(src) else data[src]  # a run: a slice
+            out[where[order]] = _from_disk(block[(slice(None), cols)], self.dtype)
+        return out[0] if single else out
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         full = self[:]
         return full if dtype is None else full.astype(dtype)
