@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import warnings
+from pathlib import Path
 from typing import Any, Sequence
 
 from rich.console import Console
@@ -19,6 +20,8 @@ from rich.table import Table
 from .commands import add_data_commands
 from .errors import UserError
 from .registry import Registry, discover
+from .spec import split_spec
+from .vocab import VOCABULARY
 
 console = Console()
 err_console = Console(stderr=True)
@@ -69,8 +72,6 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def _load(args: argparse.Namespace) -> tuple[type, Any]:
     """The model class and a loader for ``--model NAME[:options] --checkpoint C``."""
-    from .spec import split_spec
-
     name, options = split_spec(args.model)
     cls = _registry().get("model", name)
 
@@ -82,7 +83,6 @@ def _load(args: argparse.Namespace) -> tuple[type, Any]:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .vocab import VOCABULARY
 
     if not args.model:
         if args.json:
@@ -150,8 +150,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .run import analyze_run
 
     analyze_run(Path(args.run_dir), args.analysis, _registry(), console)

@@ -15,7 +15,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import UserError
+from .errors import UserError, unknown_name
+from .files import write_text
 
 
 @dataclass
@@ -195,10 +196,7 @@ def write_manifest(dataset: Dataset, path: str | Path) -> Path:
         if it.labels:
             obj["labels"] = it.labels
         lines.append(json.dumps(obj, ensure_ascii=False))
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_text(path, "\n".join(lines) + "\n")
 
 
 # Named dataset sources ("synth:parallel", "fleurs:/path") come from plugins through this table.
@@ -213,8 +211,6 @@ def resolve_dataset(spec: str | Path, sources: dict[str, DatasetSource] | None =
         scheme, _, arg = spec.partition(":")
         if len(scheme) > 1:  # not a Windows drive letter
             if scheme not in sources:
-                from .errors import unknown_name
-
                 raise unknown_name("dataset source", scheme, sources)
             return sources[scheme](arg)
     return load_manifest(spec)

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.markup import escape
+from rich.table import Table as RichTable
 
 from .files import write_json
 
@@ -110,9 +112,6 @@ def report(record: dict[str, Any], result: Result, where: Path) -> str:
 
 def render(result: Result, console: Any, title: str) -> None:
     """Print the summary and the tables marked ``show`` with rich."""
-    from rich.markup import escape
-    from rich.table import Table as RichTable
-
     if result.summary:
         t = RichTable(title=title, show_header=False)
         for k, v in result.summary.items():
