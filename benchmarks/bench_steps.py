@@ -45,8 +45,8 @@ from typing import Callable
 
 import numpy as np
 import torch
-
-from lalm_probe.core.data import Stimulus, load_audio
+from lalm_probe.core.audio import load_audio
+from lalm_probe.core.data import Stimulus
 from lalm_probe.core.engine import Session
 from lalm_probe.plugins.models.whisper import Whisper
 

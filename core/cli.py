@@ -6,10 +6,14 @@ User errors print one line and exit with status 2; no traceback. Anything else i
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import errno
 import json
 import os
 import sys
+import typing
 import warnings
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -64,10 +68,27 @@ def cmd_list(args: argparse.Namespace) -> int:
             about = getattr(e.obj, "description", "") or (e.obj.__doc__ or "").strip().split("\n")[0]
             rows.append([kind, name, e.package, about])
     if args.json:
-        print(json.dumps([dict(zip(("kind", "name", "package", "description"), r)) for r in rows], indent=1))
+        print(json.dumps({"plugins": [dict(zip(("kind", "name", "package", "description"), r)) for r in rows],
+                          "skipped": reg.skipped}, indent=1))
         return 0
     show_table("lalm-probe plugins", ("kind", "name", "package", "description"), rows)
+    for line in reg.skipped:  # shown here too: PYTHONWARNINGS=ignore would hide the warning
+        console.print(f"[yellow]skipped:[/yellow] {escape(line)}", soft_wrap=True, highlight=False)
     return 0
+
+
+def _options(cls: type) -> list[list[str]]:
+    """An analysis's or intervention's options: name, type, default, from its dataclass fields."""
+    hints = typing.get_type_hints(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
+        kind = getattr(hints[f.name], "__name__", None) or str(hints[f.name]).replace("typing.", "")
+        rows.append([f.name, kind, json.dumps(default, default=str) if default != "(required)" else default])
+    return rows
 
 
 def _load(args: argparse.Namespace) -> tuple[type, Any]:
@@ -83,7 +104,18 @@ def _load(args: argparse.Namespace) -> tuple[type, Any]:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-
+    for kind, name in (("analysis", args.analysis), ("intervention", args.intervention)):
+        if name:
+            cls = _registry().get(kind, name)
+            rows = _options(cls)
+            if args.json:
+                print(json.dumps({"name": name, "description": cls.description,
+                                  "options": [dict(zip(("name", "type", "default"), r)) for r in rows]}, indent=1))
+            else:
+                show_table(f"{kind} {name}: {cls.description}", ("option", "type", "default"), rows)
+                console.print(f"usage: --{kind} {name}:option=value,...  (or a JSON file "
+                              '{"name": ..., "params": {...}})', soft_wrap=True, highlight=False)
+            return 0
     if not args.model:
         if args.json:
             print(json.dumps(VOCABULARY, indent=1))
@@ -156,9 +188,17 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    try:
+        return metadata.version("lalm-probe")
+    except metadata.PackageNotFoundError:  # running from a source tree that is not installed
+        return "unknown"
+
+
 def build_parser(registry: Registry | None = None) -> argparse.ArgumentParser:
     """The whole CLI; ``probe data`` gets the subcommands of ``registry``'s plugins (none without one)."""
     parser = argparse.ArgumentParser(prog="probe", description="Mechanistic interpretability for audio-language models.")
+    parser.add_argument("--version", action="version", version=f"lalm-probe {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     listing = sub.add_parser("list", help="list installed model, analysis, intervention and dataset plugins")
@@ -175,6 +215,8 @@ def build_parser(registry: Registry | None = None) -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="show a model's stacks, layer counts, sites and widths; without --model, "
                           "the canonical site vocabulary")
     model_args(info, required=False)
+    info.add_argument("--analysis", help="show an analysis's options, their types and defaults")
+    info.add_argument("--intervention", help="show an intervention's options, their types and defaults")
     info.add_argument("--json", action="store_true", help="print JSON instead of tables")
     info.set_defaults(func=cmd_info)
 
@@ -230,9 +272,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         # one line, never wrapped; escape keeps [lists] in messages
         err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2
-    except KeyboardInterrupt:
-        err_console.print("[red]interrupted[/red]; rerun with the same --out to resume the collection.")
+    except KeyboardInterrupt as exc:
+        folder = getattr(exc, "run_folder", None)
+        where = f" --out {folder}" if folder else " --out"
+        err_console.print(f"[red]interrupted[/red]; rerun the same command with{escape(where)} to resume.",
+                          soft_wrap=True, highlight=False)
         return 130
+    except OSError as exc:  # the file system: a full disk, a read-only folder, a permission
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        err_console.print(f"[red]error:[/red] {escape(exc.strerror or str(exc))}: {escape(str(exc.filename or ''))}",
+                          highlight=False, soft_wrap=True)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -111,35 +111,6 @@ class Dataset:
                 self.subset([i for i in range(len(self)) if i not in chosen], f"{self.name}-rest"))
 
 
-def load_audio(item: Stimulus, target_rate: int) -> np.ndarray:
-    """Decode, mix down to mono and resample to the rate the model's feature extractor wants."""
-    import librosa
-
-    if isinstance(item.audio, np.ndarray):
-        if not item.sample_rate or item.sample_rate <= 0:
-            raise UserError(f"Item '{item.id}': audio given as an array needs a positive sample_rate.")
-        wav = np.asarray(item.audio, dtype=np.float32)
-        if wav.ndim == 2:  # (channels, samples) as librosa returns it
-            wav = wav.mean(axis=0) if wav.shape[0] < wav.shape[1] else wav.mean(axis=1)
-        if wav.ndim != 1:
-            raise UserError(f"Item '{item.id}': audio array must be 1-D or 2-D, got shape {wav.shape}.")
-        if item.sample_rate != target_rate:
-            wav = librosa.resample(wav, orig_sr=item.sample_rate, target_sr=target_rate)
-    else:
-        path = Path(str(item.audio))
-        if not path.is_file():
-            raise UserError(f"Item '{item.id}': audio file not found: {path}")
-        try:
-            wav, _ = librosa.load(str(path), sr=target_rate, mono=True)
-        except Exception as exc:  # librosa/soundfile/audioread raise many types for bad files
-            raise UserError(f"Item '{item.id}': cannot decode audio file {path} ({type(exc).__name__}: {exc}).") from None
-    if wav.size == 0:
-        raise UserError(f"Item '{item.id}': audio is empty ({item.audio if not isinstance(item.audio, np.ndarray) else 'array'}).")
-    if not np.all(np.isfinite(wav)):
-        raise UserError(f"Item '{item.id}': audio contains NaN or infinite samples.")
-    return wav.astype(np.float32, copy=False)
-
-
 MANIFEST_KEYS = {"id", "audio", "text", "labels", "prompt", "sample_rate"}
 
 

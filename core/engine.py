@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from .data import Stimulus, load_audio
+from .audio import load_audio
+from .data import Stimulus
 from .edits import Edit, edit_function
 from .errors import UserError
 from .model import ModelPlugin, Prepared, Prompt
@@ -77,6 +78,12 @@ class Session:
         """Decode audio at the model's rate, build prompts, and let the plugin pad the batch."""
         prompt_fn = prompt_fn or self.plugin.default_prompt
         audio = [load_audio(it, self.plugin.sample_rate) if it.has_audio else None for it in items]
+        limit = self.plugin.max_seconds()
+        for it, clip in zip(items, audio):
+            if limit is not None and clip is not None and len(clip) > limit * self.plugin.sample_rate + 1:
+                raise UserError(f"Item '{it.id}' lasts {len(clip) / self.plugin.sample_rate:.1f} s; "
+                                f"'{self.plugin.name}' reads at most {limit:g} s of audio and would cut the rest, so "
+                                "split longer recordings first.")
         prepared = self.plugin.prepare(items, audio, [prompt_fn(it) for it in items])
         prepared.inputs = self._to_device(prepared.inputs)
         if prepared.generate_inputs is not None:
@@ -274,6 +281,12 @@ class Session:
             raise UserError(f"Reading decode step {steps} needs at least {steps} new tokens, not {max_new_tokens}.")
         gen = self.plugin.generation_inputs(prepared)
         gen.inputs = self._to_device(gen.inputs)
+        room = self.plugin.room(gen)
+        if room is not None and max_new_tokens > room:
+            if not until_eos:
+                raise UserError(f"'{self.plugin.name}' can generate at most {room} tokens after this prompt; "
+                                f"{max_new_tokens} were asked for.")
+            max_new_tokens = room  # "up to N tokens": the model's own limit caps it
         ops = self.plan(gen, ids, reads, edits, forward=prepared)
         kwargs = {**self.plugin.generate_kwargs(), **gen_kwargs}
         if force_target:

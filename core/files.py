@@ -43,12 +43,27 @@ def write_json(path: str | Path, obj: Any) -> Path:
 
 
 def temp_dir_for(out: str | Path) -> Path:
-    """A fresh hidden folder next to ``out`` to build into before :func:`publish_dir`."""
+    """A fresh hidden folder next to ``out`` to build into before :func:`publish_dir`; leftovers of builds that
+    were killed (their process is gone) are removed first, so a killed conversion leaves nothing behind for long."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    for old in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = old.name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
     tmp = _tmp_name(out)
     tmp.mkdir()
     return tmp
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def publish_dir(tmp: Path, out: Path) -> Path:

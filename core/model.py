@@ -8,6 +8,9 @@ where declaration cannot do the job: turning stimuli into model inputs plus per-
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import socket
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
@@ -177,6 +180,13 @@ class ModelPlugin:
         """How this model spells label values as tokens (Whisper: language ``de`` -> ``<|de|>``), if it has a way."""
         return None
 
+    def max_seconds(self) -> float | None:
+        """The longest clip the model reads whole (its processor would cut a longer one), or None without a limit.
+
+        Longer clips are refused, not silently cut: a result should never rest on audio the model did not hear.
+        """
+        return None
+
     # ---- generation -----------------------------------------------------------------------------------
     def generate_kwargs(self) -> dict[str, Any]:
         """Extra keyword arguments for ``model.generate`` (greedy by default, so runs are reproducible)."""
@@ -187,6 +197,10 @@ class ModelPlugin:
         if prepared.generate_inputs is None:
             return prepared
         return Prepared(prepared.generate_inputs, prepared.rows, meta=dict(prepared.meta))
+
+    def room(self, generation: Prepared) -> int | None:
+        """How many tokens the model can generate after this batch's prompt (None: no limit it knows of)."""
+        return None
 
     def decode_outputs(self, sequences: torch.Tensor, prepared: Prepared) -> list[dict[str, Any]]:
         """One ``{"output": text, ...}`` per row from ``generate``'s sequences (prompt removed)."""
@@ -251,17 +265,46 @@ class ModelPlugin:
         return out
 
 
+def _cached(repo: str) -> bool:
+    """Whether a hub id's config is already in the local Hugging Face cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub answers within seconds (offline, transformers would retry for much longer)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("//")[-1].split("/")[0]
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def load_pretrained(model_cls: Any, processor_cls: Any, source: str | Path, *, device: str, dtype: str,
                     device_map: str | None, plugin: str) -> tuple[torch.nn.Module, Any]:
     """``from_pretrained`` for model and processor with one clear sentence when the checkpoint is unavailable."""
     kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype)}
     if device_map:
+        if importlib.util.find_spec("accelerate") is None:
+            raise UserError("--device-map needs the accelerate package: pip install 'lalm-probe[gpu]' (or "
+                            "pip install accelerate).")
         kwargs["device_map"] = device_map
     src = str(source)
     is_dir = Path(src).is_dir()
     if not is_dir and (Path(src).exists() or src.startswith((".", "/", "~"))):
         raise UserError(f"Checkpoint directory '{src}' does not exist (or is not a directory); pass a local "
                         f"model folder, a hub id, or 'tiny'.")
+    if not is_dir and not _cached(src) and not _hub_reachable():
+        raise UserError(f"Checkpoint '{src}' is not in the local Hugging Face cache and the hub cannot be reached "
+                        f"from here; download it on a machine with network access (`hf download {src}`) and pass "
+                        "--checkpoint <local dir>, or use --checkpoint tiny for an offline smoke test.")
     try:
         processor = processor_cls.from_pretrained(src)
         model = model_cls.from_pretrained(src, **kwargs)

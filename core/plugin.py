@@ -91,6 +91,9 @@ class Intervention:
     name: ClassVar[str]
     description: ClassVar[str] = ""
 
+    def check(self, dataset: "Dataset", analysis: "Analysis") -> None:
+        """Refuse data it cannot use, before the model is loaded (cheap checks only)."""
+
     def calibration(self, model: "ModelView", dataset: "Dataset", analysis: "Analysis") -> Calibration | None:
         """What to collect before the run to resolve data-dependent parameters; None when nothing is needed."""
         return None
@@ -108,6 +111,9 @@ class Analysis:
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
+
+    def check(self, dataset: "Dataset") -> None:
+        """Refuse data it cannot use (a missing label), before the model is loaded (cheap checks only)."""
 
     def prompt(self, model: "ModelView", item: Any) -> "Prompt":
         """The prompt for one item; by default the model's own default prompt for it."""

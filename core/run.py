@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .audio import check_audio
 from .collect import collect, write_outputs
 from .data import Dataset, resolve_dataset
 from .engine import Session
@@ -34,6 +35,7 @@ from .registry import Registry
 from .results import Result, render, report, write_result
 from .rundir import differing_setting, locked, make_folder, read_record, write_record
 from .spec import build_params, spec_to_json, split_spec
+from .steps import step_of
 from .store import ActivationStore
 from .threads import analysis_threads
 
@@ -121,9 +123,15 @@ class Pipeline:
         self.checkpoint = cfg.checkpoint or session.plugin.default_checkpoint
         self.shard = shard_of(cfg.shard)
 
-    def usable(self, dataset: Dataset) -> Dataset:
-        """The items the model can take (Whisper takes speech only), saying how many were left out."""
+    def usable(self, dataset: Dataset, seconds: dict[str, float]) -> Dataset:
+        """The items the model can take (Whisper takes speech only), saying how many were left out; a clip longer
+        than the model reads whole is refused (``seconds``: each clip's duration, from the audio check)."""
         plugin = self.session.plugin
+        limit = plugin.max_seconds()
+        long = sorted((s, i) for i, s in seconds.items() if limit is not None and s > limit + 1e-3)
+        if long:
+            raise UserError(f"{len(long)} clips are longer than the {limit:g} s '{plugin.name}' reads whole (e.g. "
+                            f"'{long[-1][1]}', {long[-1][0]:.1f} s); it would cut the rest, so split them first.")
         kept = [it for it in dataset if plugin.accepts(it)]
         if not kept:
             raise UserError(f"None of the {len(dataset)} items can be fed to '{plugin.name}', which takes "
@@ -157,6 +165,10 @@ class Pipeline:
         req = analysis.requirements(self.view, dataset)
         for key in req.labels:
             dataset.label_values(key)  # every item must carry the labels before any model time is spent
+        steps = any(step_of(p) for r in req.reads() for p in r.positions)
+        if self.cfg.force_target and not steps:
+            raise UserError(f"--force-target forces the decoded prefix for step:/prefix: reads, and analysis "
+                            f"'{analysis.name}' reads none; drop it (or read decode steps).")
         edits = [e for iv in interventions for e in iv.edits(self.view)]
         force_target = self.cfg.force_target or req.force_target
         prompt_fn = lambda it: analysis.prompt(self.view, it)  # noqa: E731
@@ -217,6 +229,10 @@ def execute(cfg: RunConfig, registry: Registry, console: Any) -> tuple[Path, Res
     analysis = build_spec(registry, "analysis", cfg.analysis)
     interventions = [build_spec(registry, "intervention", s) for s in cfg.interventions]
     dataset = resolve_dataset(cfg.data or DEFAULT_DATA, registry.dataset_sources())
+    analysis.check(dataset)
+    for iv in interventions:
+        iv.check(dataset, analysis)
+    seconds = check_audio(dataset)  # every clip decodes, before any model time is spent
     k, n = shard_of(cfg.shard)
     out = make_folder(Path(cfg.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{model_name}-{analysis.name}"))
     with locked(out, ".lock" if n == 1 else f".lock-{k}-of-{n}"):
@@ -231,7 +247,7 @@ def execute(cfg: RunConfig, registry: Registry, console: Any) -> tuple[Path, Res
             write_record(out, record)
         try:
             pipe = Pipeline(cfg, _load(cfg, registry, console), out, record, console)
-            dataset = pipe.usable(dataset)
+            dataset = pipe.usable(dataset, seconds)
             dataset = pipe.calibrate(interventions, analysis, dataset)
             record["interventions"] = [spec_to_json(iv) for iv in interventions]  # calibrated values included
             record["dataset"].update({"evaluated_items": len(dataset), "ids": [it.id for it in dataset]})
@@ -249,6 +265,7 @@ def execute(cfg: RunConfig, registry: Registry, console: Any) -> tuple[Path, Res
                 record.update(status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
                               error=f"{type(exc).__name__}: {exc}")
                 write_record(out, record)
+            exc.run_folder = out  # type: ignore[attr-defined]  # the CLI says where to resume
             raise
     render(result, console, f"{analysis.name} on {cfg.model}")
     console.print(f"Run written to [bold]{out}[/bold]", soft_wrap=True)

@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 
 from .files import cache_dir, publish_dir, temp_dir_for
 
-TINY_VERSION = "1"  # bump when a builder changes, so stale caches are not reused
+TINY_VERSION = "2"  # bump when a builder changes, so stale caches are not reused
 
 
 def tiny_checkpoint(name: str, build: Callable[[Path], None]) -> Path:

@@ -24,7 +24,6 @@ from typing import Callable
 
 import numpy as np
 import scipy.signal as ss
-
 from lalm_probe.core.errors import UserError
 
 CONDITIONS: tuple[str, ...] = ("clean", "telephone", "codec", "mulaw", "noise<N>db", "reverb", "reverb<N>ms")

@@ -1,7 +1,7 @@
 """Public speech corpora, read from a local copy in the corpus' own layout: no downloads, no `datasets`.
 
 Users already have these corpora on disk as their publishers ship them, so each loader reads that layout
-directly and returns a Dataset of audio paths and labels (decoding waits for ``data.load_audio``). Labels use
+directly and returns a Dataset of audio paths and labels (decoding waits for ``audio.load_audio``). Labels use
 the names the synthetic data uses (language as an ISO code, gender as male/female, semantic_id for items that
 say the same thing) so one analysis runs on either. ``--data fleurs:/path?split=dev&languages=en_us,fr_fr``.
 """

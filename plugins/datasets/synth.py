@@ -28,8 +28,6 @@ from typing import Iterable, Sequence
 import numpy as np
 import soundfile as sf
 import soxr
-from rich.console import Console
-
 from lalm_probe.core.commands import DataCommand
 from lalm_probe.core.data import Dataset, Stimulus, write_manifest
 from lalm_probe.core.errors import UserError, unknown_name
@@ -39,6 +37,7 @@ from lalm_probe.core.progress import progress_bar
 from lalm_probe.plugins.datasets.conditions import apply_condition, check_condition
 from lalm_probe.plugins.datasets.corpora import split_spec
 from lalm_probe.plugins.datasets.sentences import Sentence, load_sentences, select_sentences, table_digest
+from rich.console import Console
 
 SAMPLE_RATE = 16000
 # espeak-ng peaks at full scale for some voices (zh, vi); 6 dB of headroom lets noise and resampling overshoot

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
-
 from lalm_probe.core.data import Dataset
 from lalm_probe.core.errors import UserError
 from lalm_probe.core.plugin import Analysis, Calibration, Edit, Intervention, Requirements
@@ -60,6 +59,11 @@ class LayerEnrich(Intervention):
             raise UserError(f"layer-enrich: layer {self.layer} is out of range; with gap {self.gap} it must be in "
                             f"0..{n - self.gap - 1}.")
         return stack, n
+
+    def check(self, dataset: Dataset, analysis: Analysis) -> None:
+        if self.layer is None and self.random_layers is None and len(dataset) <= self.probe_size:
+            raise UserError(f"layer-enrich needs more than probe_size={self.probe_size} items to keep a probing split "
+                            f"apart (the data has {len(dataset)}); lower probe_size or give layer=<l>.")
 
     def calibration(self, model: ModelView, dataset: Dataset, analysis: Analysis) -> Calibration | None:
         self._stack(model)

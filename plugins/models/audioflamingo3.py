@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from lalm_probe.core.audio_lm import AudioLM
 from lalm_probe.core.positions import Positions, conv_length, pool_length
 from lalm_probe.core.registry import hookimpl
@@ -42,8 +41,13 @@ TEMPLATE = (
 
 def build_tiny(out_dir: Path) -> None:
     """A 2+4-layer, 64-wide Audio Flamingo 3 with the real processor and 1 s windows, seeded."""
-    from transformers import (AudioFlamingo3Config, AudioFlamingo3ForConditionalGeneration, AudioFlamingo3Processor,
-                              Qwen2Tokenizer, WhisperFeatureExtractor)
+    from transformers import (
+        AudioFlamingo3Config,
+        AudioFlamingo3ForConditionalGeneration,
+        AudioFlamingo3Processor,
+        Qwen2Tokenizer,
+        WhisperFeatureExtractor,
+    )
 
     tok = byte_level_tokenizer(Qwen2Tokenizer, ["<|im_start|>", "<|im_end|>", AUDIO_TOKEN])
     fe = WhisperFeatureExtractor(feature_size=128, chunk_length=1, sampling_rate=16000)  # 1 s windows: multi-window

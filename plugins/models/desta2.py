@@ -25,7 +25,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-
 from lalm_probe.core.data import Stimulus
 from lalm_probe.core.model import ModelPlugin, Prepared, Prompt, torch_dtype
 from lalm_probe.core.positions import Positions
@@ -70,6 +69,10 @@ class Desta2(ModelPlugin):
                      whisper_model: str | None = None, llama_model: str | None = None) -> tuple[torch.nn.Module, Any]:
         return load_desta2(source, dtype=torch_dtype(dtype), device=device, device_map=device_map,
                            whisper_model=whisper_model, llama_model=llama_model)
+
+    def max_seconds(self) -> float:
+        fe = self.processor.whisper_processor.feature_extractor  # Whisper's features cover one window
+        return fe.n_samples / fe.sampling_rate
 
     def prepare(self, items: Sequence[Stimulus], audio: Sequence[np.ndarray | None],
                 prompts: Sequence[Prompt]) -> Prepared:

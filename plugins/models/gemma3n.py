@@ -51,7 +51,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-
 from lalm_probe.core.audio_lm import AudioLM
 from lalm_probe.core.data import Stimulus
 from lalm_probe.core.errors import PluginError
@@ -174,6 +173,9 @@ class Gemma3n(AudioLM):
             samples = -(-min(len(clip), MAX_SAMPLES) // 128) * 128
             inputs["input_features_mask"][i, (samples - fe.frame_length - 1) // fe.hop_length + 1:] = False
         return inputs
+
+    def max_seconds(self) -> float:
+        return MAX_SAMPLES / self.sample_rate  # the feature extractor cuts longer clips to 30 s
 
     def audio_positions(self, inputs: dict, clip: int) -> dict[str, Positions]:
         frames = math.ceil(int(inputs["input_features_mask"][clip].sum()) / self.stride)

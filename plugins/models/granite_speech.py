@@ -29,16 +29,15 @@ Q-Former inputs past each clip's frames, so a clip in a batch reads as it does a
 from __future__ import annotations
 
 import logging
-from unittest import mock
 import math
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
+from unittest import mock
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from lalm_probe.core.audio_lm import AudioLM
 from lalm_probe.core.data import Stimulus
 from lalm_probe.core.model import Prepared, Prompt

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from lalm_probe.core.errors import UserError
 
 ADAPTER = "default"  # peft's name for a checkpoint's single adapter

@@ -45,7 +45,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-
 from lalm_probe.core.audio_lm import AudioLM
 from lalm_probe.core.data import Stimulus
 from lalm_probe.core.errors import PluginError, UserError
@@ -83,7 +82,7 @@ class SpeechProcessor:
 
     @staticmethod
     def from_pretrained(source: str) -> Any:
-        from transformers import (AutoTokenizer, Phi4MultimodalFeatureExtractor, Phi4MultimodalProcessor)
+        from transformers import AutoTokenizer, Phi4MultimodalFeatureExtractor, Phi4MultimodalProcessor
         from transformers.image_processing_utils import BaseImageProcessor
 
         class NoImages(BaseImageProcessor):

@@ -22,7 +22,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-
 from lalm_probe.core.audio_lm import AudioLM
 from lalm_probe.core.positions import Positions, conv_length, pool_length
 from lalm_probe.core.registry import hookimpl

@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-
 from lalm_probe.core.audio_lm import AudioLM
 from lalm_probe.core.positions import Positions, conv_length, pool_length
 from lalm_probe.core.registry import hookimpl
@@ -22,16 +21,21 @@ AUDIO_TOKEN, AUDIO_BOS, AUDIO_EOS = "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>
 
 
 def build_tiny(out_dir: Path) -> None:
-    """A 2+8-layer, 64-wide Qwen2-Audio with the real processor, seeded so every build is identical."""
-    from transformers import (Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor,
-                              Qwen2Tokenizer, WhisperFeatureExtractor)
+    """A 2+8-layer, 64-wide Qwen2-Audio with the real processor and a 5 s window, seeded so every build is identical."""
+    from transformers import (
+        Qwen2AudioConfig,
+        Qwen2AudioForConditionalGeneration,
+        Qwen2AudioProcessor,
+        Qwen2Tokenizer,
+        WhisperFeatureExtractor,
+    )
 
     tok = byte_level_tokenizer(Qwen2Tokenizer, ["<|im_start|>", "<|im_end|>", AUDIO_TOKEN, AUDIO_BOS, AUDIO_EOS])
-    fe = WhisperFeatureExtractor(feature_size=128, chunk_length=2, sampling_rate=16000)  # 2 s windows keep it fast
+    fe = WhisperFeatureExtractor(feature_size=128, chunk_length=5, sampling_rate=16000)  # 5 s windows keep it fast
     processor = Qwen2AudioProcessor(feature_extractor=fe, tokenizer=tok)
     cfg = Qwen2AudioConfig(
         audio_config=dict(d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128,
-                          num_mel_bins=128, max_source_positions=100),
+                          num_mel_bins=128, max_source_positions=250),
         text_config=dict(model_type="qwen2", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
                          num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=1024, tie_word_embeddings=False),
@@ -64,6 +68,10 @@ class Qwen2Audio(AudioLM):
               components=decoder_layer(), final_norm=("model.language_model.norm", "language_model.model.norm"),
               unembed=("lm_head", "language_model.lm_head"), hidden_states="hidden_states"),
     )
+
+    def max_seconds(self) -> float:
+        fe = self.processor.feature_extractor  # the processor truncates to one window (30 s)
+        return fe.n_samples / fe.sampling_rate
 
     def audio_positions(self, inputs: dict, clip: int) -> dict[str, Positions]:
         # The encoder's stride-2 convolution halves the valid mel frames; the padded window beyond them is ignored.

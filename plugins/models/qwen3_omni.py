@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from lalm_probe.core.audio_lm import AudioLM
 from lalm_probe.core.positions import Positions
 from lalm_probe.core.registry import hookimpl

@@ -21,7 +21,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-
 from lalm_probe.core.data import Stimulus
 from lalm_probe.core.model import ModelPlugin, Prepared, Prompt
 from lalm_probe.core.positions import Positions
@@ -30,8 +29,12 @@ from lalm_probe.core.stacks import Stack
 from lalm_probe.core.templates import bart_layer, decoder_layer
 from lalm_probe.core.vocab import Component
 from lalm_probe.plugins.models.arch.layout import user_text
-from lalm_probe.plugins.models.arch.qwen_audio_load import (DEFAULT_HUB_ID, build_tiny_qwen_audio_chat,
-                                                            load_qwen_audio_chat)
+from lalm_probe.plugins.models.arch.qwen_audio_encoder import CHUNK_SECONDS
+from lalm_probe.plugins.models.arch.qwen_audio_load import (
+    DEFAULT_HUB_ID,
+    build_tiny_qwen_audio_chat,
+    load_qwen_audio_chat,
+)
 from lalm_probe.plugins.models.arch.qwen_audio_processor import list_format_query
 from lalm_probe.plugins.models.arch.qwen_audio_tokenizer import AUDIO_PAD
 
@@ -68,6 +71,9 @@ class QwenAudioChat(ModelPlugin):
     def load_weights(cls, source: str | Path, *, device: str, dtype: str,
                      device_map: str | None) -> tuple[torch.nn.Module, Any]:
         return load_qwen_audio_chat(source, dtype=dtype, device=device, device_map=device_map)
+
+    def max_seconds(self) -> float:
+        return CHUNK_SECONDS  # the release pads or trims every clip to 30 s of log-mel
 
     def prepare(self, items: Sequence[Stimulus], audio: Sequence[np.ndarray | None],
                 prompts: Sequence[Prompt]) -> Prepared:

@@ -29,7 +29,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-
 from lalm_probe.core.data import Stimulus
 from lalm_probe.core.model import ModelPlugin, Prepared, Prompt, torch_dtype
 from lalm_probe.core.positions import Positions
@@ -88,6 +87,10 @@ class Salmonn(ModelPlugin):
                      allow_pickle: bool = False) -> tuple[torch.nn.Module, Any]:
         return load_salmonn(source, whisper=whisper, beats=beats, llama=llama, dtype=torch_dtype(dtype),
                             device=device, device_map=device_map, allow_pickle=allow_pickle)
+
+    def max_seconds(self) -> float:
+        fe = self.processor.feature_extractor  # the release cuts the waveform to one Whisper window (30 s)
+        return fe.n_samples / fe.sampling_rate
 
     def prepare(self, items: Sequence[Stimulus], audio: Sequence[np.ndarray | None],
                 prompts: Sequence[Prompt]) -> Prepared:

@@ -44,7 +44,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-
 from lalm_probe.core import languages
 from lalm_probe.core.data import Stimulus
 from lalm_probe.core.errors import PluginError, UserError
@@ -71,8 +70,13 @@ ADAPTOR_LAYER = {
 
 def build_tiny(out_dir: Path) -> None:
     """A 64-wide SeamlessM4T v2 (2 speech, 2 text encoder, 4 decoder layers) with the real processor, seeded."""
-    from transformers import (SeamlessM4TFeatureExtractor, SeamlessM4TProcessor, SeamlessM4TTokenizer,
-                              SeamlessM4Tv2Config, SeamlessM4Tv2Model)
+    from transformers import (
+        SeamlessM4TFeatureExtractor,
+        SeamlessM4TProcessor,
+        SeamlessM4TTokenizer,
+        SeamlessM4Tv2Config,
+        SeamlessM4Tv2Model,
+    )
 
     # Character-level pieces plus "▁x" word starts (with their merges), so words start with distinct tokens.
     lower = "abcdefghijklmnopqrstuvwxyz"

@@ -22,7 +22,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-
 from lalm_probe.core.data import Stimulus
 from lalm_probe.core.errors import UserError
 from lalm_probe.core.languages import find

@@ -80,8 +80,13 @@ def build_tiny(out_dir: Path) -> None:
     in the release) with 4 AltUp streams, a 2-block 64-wide audio Conformer; seeded so every build is identical.
     The sliding window is the release's 512: a narrower one would hide the clip, which fills the first of its 188
     soft tokens, from the prompt's last position in the sliding layers."""
-    from transformers import (Gemma3nAudioFeatureExtractor, Gemma3nConfig, Gemma3nForConditionalGeneration,
-                              Gemma3nProcessor, SiglipImageProcessorPil)
+    from transformers import (
+        Gemma3nAudioFeatureExtractor,
+        Gemma3nConfig,
+        Gemma3nForConditionalGeneration,
+        Gemma3nProcessor,
+        SiglipImageProcessorPil,
+    )
 
     tok = tokenizer()
     text = tok.convert_tokens_to_ids(NAMED["eoi_token"])  # T: the text vocabulary ends where the vision tokens start

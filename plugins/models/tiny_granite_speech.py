@@ -15,7 +15,6 @@ import logging
 from pathlib import Path
 
 import torch
-
 from lalm_probe.core.tiny import byte_level_tokenizer
 from lalm_probe.plugins.models.melspec import install
 
@@ -32,8 +31,13 @@ def build_tiny(out_dir: Path) -> None:
     """2 Conformer + 2 Q-Former + 4 Granite LM layers, 64 wide, the real processor, a LoRA; seeded."""
     install(FE_MODULE)
     from safetensors.torch import save_file
-    from transformers import (GPT2Tokenizer, GraniteSpeechConfig, GraniteSpeechFeatureExtractor,
-                              GraniteSpeechForConditionalGeneration, GraniteSpeechProcessor)
+    from transformers import (
+        GPT2Tokenizer,
+        GraniteSpeechConfig,
+        GraniteSpeechFeatureExtractor,
+        GraniteSpeechForConditionalGeneration,
+        GraniteSpeechProcessor,
+    )
 
     out_dir = Path(out_dir)
     tok = byte_level_tokenizer(GPT2Tokenizer, SPECIALS, pad="<|end_of_text|>")

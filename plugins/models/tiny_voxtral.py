@@ -45,8 +45,12 @@ def write_tekken(path: Path) -> None:
 
 def build_tiny(out_dir: Path) -> None:
     """A 2-layer audio encoder + 4-layer Llama LM, 64 wide, with the real processor classes, seeded."""
-    from transformers import (MistralCommonBackend, VoxtralConfig, VoxtralForConditionalGeneration,
-                              WhisperFeatureExtractor)
+    from transformers import (
+        MistralCommonBackend,
+        VoxtralConfig,
+        VoxtralForConditionalGeneration,
+        WhisperFeatureExtractor,
+    )
 
     out_dir = Path(out_dir)
     write_tekken(out_dir / "tekken.json")

@@ -23,7 +23,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-
 from lalm_probe.core.data import Stimulus
 from lalm_probe.core.model import ModelPlugin, Prepared, Prompt, torch_dtype
 from lalm_probe.core.positions import Positions

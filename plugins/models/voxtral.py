@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 import torch
-
 from lalm_probe.core.audio_lm import AudioLM
 from lalm_probe.core.errors import UserError
 from lalm_probe.core.model import Prompt, load_pretrained, transformers_class
@@ -74,8 +73,8 @@ class Voxtral(AudioLM):
         """The model as usual; the processor rebuilt with mistral-common's tokenizer, which
         ``VoxtralProcessor.from_pretrained`` silently replaces by a plain tokenizer without Voxtral's template."""
         try:
-            from transformers import MistralCommonBackend, VoxtralProcessor, WhisperFeatureExtractor
             import mistral_common  # noqa: F401
+            from transformers import MistralCommonBackend, VoxtralProcessor, WhisperFeatureExtractor
         except ImportError:
             raise UserError("Voxtral needs mistral-common for its chat template and tokenizer: "
                             "pip install 'lalm-probe[voxtral]'.") from None

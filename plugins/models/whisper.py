@@ -25,7 +25,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-
 from lalm_probe.core.data import Stimulus
 from lalm_probe.core.errors import UserError
 from lalm_probe.core.model import ModelPlugin, Prepared, Prompt, torch_dtype
@@ -39,10 +38,17 @@ SIZES = ("tiny", "base", "small", "medium", "large-v2", "large-v3", "large-v3-tu
 
 
 def build_tiny(out_dir: Path) -> None:
-    """A 2+2-layer, 64-wide Whisper with the real multilingual special-token layout and a 2 s window."""
+    """A 2+2-layer, 64-wide Whisper with the real multilingual special-token layout and a 5 s window."""
     from tokenizers import pre_tokenizers
-    from transformers import (AddedToken, GenerationConfig, WhisperConfig, WhisperFeatureExtractor,
-                              WhisperForConditionalGeneration, WhisperProcessor, WhisperTokenizer)
+    from transformers import (
+        AddedToken,
+        GenerationConfig,
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+        WhisperProcessor,
+        WhisperTokenizer,
+    )
     from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
     specials = (["<|endoftext|>", "<|startoftranscript|>"] + [f"<|{lang}|>" for lang in LANGUAGES]
@@ -55,17 +61,17 @@ def build_tiny(out_dir: Path) -> None:
     tok = WhisperTokenizer(vocab=vocab, merges=[], unk_token="<|endoftext|>", bos_token="<|endoftext|>",
                            eos_token="<|endoftext|>", pad_token="<|endoftext|>", additional_special_tokens=specials[2:])
     tok.add_tokens([AddedToken(f"<|{i * 0.02:.2f}|>", special=False, normalized=False) for i in range(101)])
-    fe = WhisperFeatureExtractor(feature_size=80, chunk_length=2, sampling_rate=16000)  # 200 frames
+    fe = WhisperFeatureExtractor(feature_size=80, chunk_length=5, sampling_rate=16000)  # 500 frames
     ids = tok.convert_tokens_to_ids
     eot, sot = ids("<|endoftext|>"), ids("<|startoftranscript|>")
     cfg = WhisperConfig(vocab_size=len(tok), num_mel_bins=80, d_model=64, encoder_layers=2, decoder_layers=2,
                         encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
-                        decoder_ffn_dim=128, max_source_positions=100, max_target_positions=64,
+                        decoder_ffn_dim=128, max_source_positions=250, max_target_positions=448,
                         pad_token_id=eot, bos_token_id=eot, eos_token_id=eot, decoder_start_token_id=sot)
     torch.manual_seed(0)
     model = WhisperForConditionalGeneration(cfg).eval()
     gen = GenerationConfig(
-        decoder_start_token_id=sot, eos_token_id=eot, pad_token_id=eot, bos_token_id=eot, max_length=64,
+        decoder_start_token_id=sot, eos_token_id=eot, pad_token_id=eot, bos_token_id=eot, max_length=448,
         is_multilingual=True, lang_to_id={f"<|{lang}|>": ids(f"<|{lang}|>") for lang in LANGUAGES},
         task_to_id={"transcribe": ids("<|transcribe|>"), "translate": ids("<|translate|>")},
         no_timestamps_token_id=ids("<|notimestamps|>"), prev_sot_token_id=ids("<|startofprev|>"),
@@ -157,9 +163,6 @@ class Whisper(ModelPlugin):
         for it, clip in zip(items, audio):
             if clip is None:
                 raise UserError(f"Item '{it.id}' has no audio; Whisper takes speech only.")
-            if len(clip) > fe.n_samples:
-                raise UserError(f"Item '{it.id}' lasts {len(clip) / fe.sampling_rate:.1f} s; Whisper reads one "
-                                f"{fe.chunk_length} s window, so split longer recordings first.")
         feats = fe(list(audio), sampling_rate=fe.sampling_rate, return_tensors="pt")
         languages = [self._language_of(it) for it in items]
         prompt = [self._prompt_ids(lang) for lang in languages]
@@ -193,6 +196,14 @@ class Whisper(ModelPlugin):
 
     def generate_kwargs(self) -> dict[str, Any]:
         return {"do_sample": False, "num_beams": 1, "return_dict_in_generate": True}
+
+    def room(self, generation: Prepared) -> int:
+        """The decoder's positions left after its prompt (448 on the real checkpoints)."""
+        return self.model.config.max_target_positions - len(generation.meta["prompt"][0])
+
+    def max_seconds(self) -> float:
+        fe = self.processor.feature_extractor  # one window (30 s)
+        return fe.n_samples / fe.sampling_rate
 
     def teacher_forced(self, prepared: Prepared, generation: Prepared, tokens: torch.Tensor) -> Prepared:
         """The decoder reads the full generation prompt (with the detected or forced language), then ``tokens``."""

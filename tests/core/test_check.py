@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
+from helpers import SR, tone
 from lalm_probe.core import cli
 from lalm_probe.core.check import run_checks
 from lalm_probe.core.data import Stimulus
@@ -14,8 +14,6 @@ from lalm_probe.core.stacks import Stack
 from lalm_probe.core.templates import decoder_layer
 from lalm_probe.core.vocab import Component
 from lalm_probe.plugins.models.qwen2audio import Qwen2Audio
-
-from helpers import SR, tone
 
 MODELS = discover().names("model")  # built-in and installed third-party plugins alike
 

@@ -5,14 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
+from helpers import SR, tone
 from lalm_probe.core.collect import collect, write_outputs
 from lalm_probe.core.data import Dataset, Stimulus
 from lalm_probe.core.outputs import OutputStore
 from lalm_probe.core.plugin import Edit, Reads
 from lalm_probe.core.store import ActivationStore
-
-from helpers import SR, tone
 
 READS = [Reads(["lm.*.out"], ["last", "mean"])]
 

@@ -8,13 +8,11 @@ import sys
 import types
 
 import pytest
-
+from helpers import add_entry_point
 from lalm_probe.core.cli import main
 from lalm_probe.core.commands import DataCommand, add_data_commands
 from lalm_probe.core.errors import PluginError, UserError
 from lalm_probe.core.registry import PluginWarning, discover, hookimpl
-
-from helpers import add_entry_point
 
 
 class Tones(DataCommand):

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
+from helpers import SR, tone
 from lalm_probe.core.data import Dataset, Stimulus
 from lalm_probe.core.errors import UserError
 from lalm_probe.core.plugin import Edit
-
-from helpers import SR, tone
 
 
 def dataset(n: int = 10) -> Dataset:

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import pytest
-
 from lalm_probe.core import languages
 from lalm_probe.core.errors import UserError
-from lalm_probe.core.languages import (LANGUAGES, english_name, espeak_voice, espeak_voices, find, label_code, to_iso1,
-                                       to_iso3)
+from lalm_probe.core.languages import (
+    LANGUAGES,
+    english_name,
+    espeak_voice,
+    espeak_voices,
+    find,
+    label_code,
+    to_iso1,
+    to_iso3,
+)
 
 # What the SeamlessM4T v2 plugin mapped before it used this table (ISO 639-1 and English names): still covered.
 SEAMLESS = {

@@ -6,11 +6,9 @@ import sys
 import types
 
 import pytest
-
+from helpers import add_entry_point
 from lalm_probe.core.errors import PluginError, UserError
 from lalm_probe.core.registry import PluginWarning, discover, hookimpl
-
-from helpers import add_entry_point
 
 
 def test_builtins_come_from_entry_points():

@@ -6,7 +6,6 @@ import json
 import threading
 
 import numpy as np
-
 from lalm_probe.core.cli import main
 
 TINY = ["--model", "qwen2audio", "--checkpoint", "tiny"]

@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-
 from lalm_probe.core.errors import UserError
 from lalm_probe.core.store import ActivationStore
 

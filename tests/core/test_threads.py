@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from threadpoolctl import threadpool_info
-
 from lalm_probe.core import threads
 from lalm_probe.core.errors import UserError
+from threadpoolctl import threadpool_info
 
 
 def _max_threads() -> int:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import warnings
 
 import torch
+from lalm_probe.core.tracing import Op, Tracer
 from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertLayer
-
-from lalm_probe.core.tracing import Op, Tracer
 
 
 class OneBertLayer(torch.nn.Module):

@@ -37,9 +37,9 @@ from lalm_probe.core.data import Dataset, Stimulus
 from lalm_probe.core.errors import UserError
 from lalm_probe.core.plugin import Analysis, Requirements, Stores
 from lalm_probe.core.registry import hookimpl
-from lalm_probe.core.view import ModelView
 from lalm_probe.core.results import Result, Table
 from lalm_probe.core.threads import capped
+from lalm_probe.core.view import ModelView
 from lalm_probe.plugins.analyses import reps
 
 # Labels that say which version of a sentence an item is (used to pick comparable items for distance tables).

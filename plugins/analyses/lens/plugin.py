@@ -116,6 +116,10 @@ class LogitLens(Analysis):
         return np.array([index[(self._canonical(str(v), ys) or str(v)).lower()]
                          for v in dataset.label_values(self.label)])
 
+    def check(self, dataset: Dataset) -> None:
+        if self.label:
+            self.label_set(dataset)  # every item labelled, and the values scorable
+
     def prompt(self, model: ModelView, item: Stimulus) -> Prompt:
         if not self.attribute:
             return model.default_prompt(item)

@@ -14,12 +14,19 @@ import copy
 from typing import Any, Sequence
 
 import torch
-from torch import nn
-from transformers import (AutoConfig, AutoModelForCausalLM, BertConfig, GenerationMixin, PretrainedConfig,
-                          PreTrainedModel, WhisperConfig, WhisperForConditionalGeneration)
-from transformers.models.bert.modeling_bert import BertEncoder
-
 from lalm_probe.core.errors import UserError
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    BertConfig,
+    GenerationMixin,
+    PretrainedConfig,
+    PreTrainedModel,
+    WhisperConfig,
+    WhisperForConditionalGeneration,
+)
+from transformers.models.bert.modeling_bert import BertEncoder
 
 from .layout import positions_from_mask, scatter_audio
 

@@ -18,7 +18,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-
 from lalm_probe.core.errors import UserError
 
 from .desta2 import Desta2Config, DestaModel

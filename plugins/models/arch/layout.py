@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
-
 from lalm_probe.core.data import Stimulus
 from lalm_probe.core.model import Prompt
 from lalm_probe.core.positions import Positions

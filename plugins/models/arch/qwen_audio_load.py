@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import GenerationConfig
-
 from lalm_probe.core.errors import UserError
+from transformers import GenerationConfig
 
 from .qwen_audio import QWenConfig, QWenLMHeadModel
 from .qwen_audio_processor import QwenAudioProcessor

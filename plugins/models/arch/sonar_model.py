@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-
 from lalm_probe.core.errors import UserError
+from torch import nn
 
 from .sonar_checkpoint import BASE_URL, speech_checkpoint_file
 from .sonar_nn import SonarEncoderOutput

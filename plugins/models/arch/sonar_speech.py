@@ -27,13 +27,20 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from lalm_probe.core.errors import UserError
 from torch import nn
 
-from lalm_probe.core.errors import UserError
-
 from .sonar_checkpoint import BASE_URL, convert_speech_state, load_into, read_state_dict, speech_checkpoint_file
-from .sonar_nn import (ConformerBlock, EmbeddingFrontend, LayerStack, SonarBatch, SonarEncoderOutput, SonarRow,
-                       TransformerDecoderLayer, init_fairseq2_style)
+from .sonar_nn import (
+    ConformerBlock,
+    EmbeddingFrontend,
+    LayerStack,
+    SonarBatch,
+    SonarEncoderOutput,
+    SonarRow,
+    TransformerDecoderLayer,
+    init_fairseq2_style,
+)
 
 CONFIG_FILE = "config.json"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

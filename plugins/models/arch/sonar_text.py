@@ -18,13 +18,19 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from lalm_probe.core.errors import UserError
 from torch import nn
 
-from lalm_probe.core.errors import UserError
-
 from .sonar_checkpoint import BASE_URL, TEXT_CARD, TEXT_FILES, convert_text_state, load_into, read_state_dict
-from .sonar_nn import (EmbeddingFrontend, LayerStack, SonarBatch, SonarEncoderOutput, SonarRow,
-                       TransformerEncoderLayer, init_fairseq2_style)
+from .sonar_nn import (
+    EmbeddingFrontend,
+    LayerStack,
+    SonarBatch,
+    SonarEncoderOutput,
+    SonarRow,
+    TransformerEncoderLayer,
+    init_fairseq2_style,
+)
 from .sonar_tokenizer import NLLB_LANGS, NllbTokenizer, tiny_spm_model
 
 CONFIG_FILE = "config.json"

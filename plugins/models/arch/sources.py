@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
-
 from lalm_probe.core.errors import UserError
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",

@@ -47,8 +47,15 @@ def tiny_whisper(num_mel_bins: int, *, seed: int, d_model: int = 64, layers: int
     """A seeded ``WhisperForConditionalGeneration`` with the real special-token layout and a ``window_s`` window,
     plus its ``WhisperProcessor`` (feature extractor padding to the same window)."""
     from tokenizers import pre_tokenizers
-    from transformers import (AddedToken, GenerationConfig, WhisperConfig, WhisperFeatureExtractor,
-                              WhisperForConditionalGeneration, WhisperProcessor, WhisperTokenizer)
+    from transformers import (
+        AddedToken,
+        GenerationConfig,
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+        WhisperProcessor,
+        WhisperTokenizer,
+    )
     from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
     specials = (["<|endoftext|>", "<|startoftranscript|>"] + [f"<|{lang}|>" for lang in LANGUAGES]

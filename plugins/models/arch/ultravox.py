@@ -13,13 +13,12 @@ import copy
 from typing import Any
 
 import torch
+from lalm_probe.core.errors import UserError
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.models.whisper.modeling_whisper import WhisperConfig, WhisperEncoder
-
-from lalm_probe.core.errors import UserError
 
 from .layout import positions_from_mask, scatter_audio
 

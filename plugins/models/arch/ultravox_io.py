@@ -16,7 +16,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-
 from lalm_probe.core.errors import UserError
 
 from .layout import Batch, RowSpans, left_pad, positions_from_mask, token_span

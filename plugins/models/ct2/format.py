@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from lalm_probe.core.errors import UserError
 
 FORMAT_VERSION = 1  # of our converted output: bump when it changes, so stale caches are not reused

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from lalm_probe.core.errors import UserError
+from lalm_probe.core.files import cache_dir, publish_dir, temp_dir_for
 from transformers import (
     AddedToken,
     GenerationConfig,
@@ -28,11 +30,16 @@ from transformers import (
 )
 from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
-from lalm_probe.core.errors import UserError
-from lalm_probe.core.files import cache_dir, publish_dir, temp_dir_for
+from .format import (
+    CHECKPOINT_FILES,
+    FORMAT_VERSION,
+    GELU,
+    SOURCE_INFO_FILE,
+    Ct2ModelBin,
+    is_ct2_whisper_dir,
+    read_ct2_model_bin,
+)
 
-from .format import (CHECKPOINT_FILES, FORMAT_VERSION, GELU, SOURCE_INFO_FILE, Ct2ModelBin, is_ct2_whisper_dir,
-                     read_ct2_model_bin)
 
 class _Weights:
     """Hands out model.bin variables as float32 tensors, resolving aliases and int8/int16 scales."""

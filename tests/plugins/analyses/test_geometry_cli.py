@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from lalm_probe.core import cli
 from lalm_probe.core.cli import main
 

@@ -29,13 +29,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-
+from helpers import stub_view
 from lalm_probe.core import cli
 from lalm_probe.core.data import Dataset, Stimulus
 from lalm_probe.core.errors import UserError
 from lalm_probe.plugins.analyses import reps
-
-from helpers import stub_view
 
 LANGS = ["de", "en", "fr"]
 SENTENCES = [f"s0{i}" for i in range(1, 9)]

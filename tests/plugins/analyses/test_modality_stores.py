@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from threadpoolctl import threadpool_limits
-
+from helpers import stub_view
 from lalm_probe.core.data import Dataset, Stimulus
 from lalm_probe.core.plugin import Stores
 from lalm_probe.core.store import ActivationStore
@@ -18,8 +17,7 @@ from lalm_probe.plugins.analyses import reps
 from lalm_probe.plugins.analyses.clusters.plugin import Clusters
 from lalm_probe.plugins.analyses.hub.plugin import Hub
 from lalm_probe.plugins.analyses.svcca.plugin import SVCCAAnalysis
-
-from helpers import stub_view
+from threadpoolctl import threadpool_limits
 
 LANGS = ("de", "en", "fr")
 N_SENT, ENC, LM = 40, 2, 3  # sentences, encoder layers, LM layers

@@ -6,12 +6,20 @@ import math
 
 import pytest
 import sacrebleu
-
 from lalm_probe.core.errors import UserError
-from lalm_probe.plugins.analyses.output_metrics import (ScriptCounts, control_rate, cross_modal_effect_ratio,
-                                                        identify_languages, mean_effect_ratio, script_counts,
-                                                        script_of, script_report, token_bucket, tokens,
-                                                        translation_quality)
+from lalm_probe.plugins.analyses.output_metrics import (
+    ScriptCounts,
+    control_rate,
+    cross_modal_effect_ratio,
+    identify_languages,
+    mean_effect_ratio,
+    script_counts,
+    script_of,
+    script_report,
+    token_bucket,
+    tokens,
+    translation_quality,
+)
 
 
 class PieceTokenizer:

@@ -15,11 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
+from helpers import SR, tone
 from lalm_probe.core import cli
 from lalm_probe.core.cli import main
-
-from helpers import SR, tone
 
 LANGS = ["de", "en", "fr"]
 SENTENCES = {"en": ["the cat sat", "hello world", "the mat", "a cat on the mat", "good day"],

@@ -6,7 +6,6 @@ import shutil
 
 import numpy as np
 import pytest
-
 from lalm_probe.core.errors import UserError
 from lalm_probe.plugins.datasets import conditions
 from lalm_probe.plugins.datasets.conditions import CONDITIONS, add_noise, apply_condition, check_condition

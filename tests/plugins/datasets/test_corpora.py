@@ -8,11 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-
-from lalm_probe.core.data import load_audio, resolve_dataset
+from lalm_probe.core.audio import load_audio
+from lalm_probe.core.data import resolve_dataset
 from lalm_probe.core.errors import UserError
-from lalm_probe.plugins.datasets.corpora import (SOURCES, load_commonvoice, load_covost2, load_fleurs, load_sakura,
-                                                 load_vctk)
+from lalm_probe.plugins.datasets.corpora import (
+    SOURCES,
+    load_commonvoice,
+    load_covost2,
+    load_fleurs,
+    load_sakura,
+    load_vctk,
+)
 
 
 def tone(path: Path, rate: int = 16000, hz: float = 220.0) -> Path:

@@ -12,13 +12,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-
 from lalm_probe.core.data import load_manifest
 from lalm_probe.core.errors import UserError
 from lalm_probe.plugins.datasets import synth
 from lalm_probe.plugins.datasets.sentences import load_sentences
-from lalm_probe.plugins.datasets.synth import (ESPEAK_VOICES, VOICE_GENDER, add_synth_arguments, run_synth,
-                                              synth_source, synthesize)
+from lalm_probe.plugins.datasets.synth import (
+    ESPEAK_VOICES,
+    VOICE_GENDER,
+    add_synth_arguments,
+    run_synth,
+    synth_source,
+    synthesize,
+)
 
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
+from helpers import SR, tone
 from lalm_probe.core.collect import collect
 from lalm_probe.core.data import Dataset, Stimulus
 from lalm_probe.core.errors import UserError
@@ -15,8 +15,6 @@ from lalm_probe.plugins.analyses.lens.audiolens import information_scores
 from lalm_probe.plugins.analyses.lens.plugin import LogitLens
 from lalm_probe.plugins.interventions.audio_mask import AudioMask
 from lalm_probe.plugins.interventions.layer_enrich import LayerEnrich
-
-from helpers import SR, tone
 
 
 def labelled(n: int) -> Dataset:

@@ -8,14 +8,12 @@ import json
 
 import pytest
 import torch
-
+from helpers import SR, tone
 from lalm_probe.core.cli import main
 from lalm_probe.core.data import Stimulus
 from lalm_probe.core.engine import Session
 from lalm_probe.core.model import Prompt
 from lalm_probe.plugins.models.audioflamingo3 import AudioFlamingo3
-
-from helpers import SR, tone
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
+from helpers import SR, tone
 from lalm_probe.core.data import Stimulus
 from lalm_probe.core.engine import Session
 from lalm_probe.plugins.models.desta2 import Desta2
-
-from helpers import SR, tone
 
 
 @pytest.fixture(scope="module")

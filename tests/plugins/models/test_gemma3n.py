@@ -11,15 +11,13 @@ import math
 import pytest
 import soundfile as sf
 import torch
-
+from helpers import SR, tone
 from lalm_probe.core.cli import main
 from lalm_probe.core.data import Stimulus
 from lalm_probe.core.engine import Session
 from lalm_probe.core.errors import UserError
 from lalm_probe.core.plugin import Edit
 from lalm_probe.plugins.models.gemma3n import Gemma3n
-
-from helpers import SR, tone
 
 PROMPT = "What is said?"
 

@@ -7,15 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
+from helpers import SR, tone
 from lalm_probe.core.data import Stimulus
 from lalm_probe.core.engine import Session
 from lalm_probe.core.errors import UserError
 from lalm_probe.plugins.models.granite_speech import GraniteSpeech
 from lalm_probe.plugins.models.lora import apply_adapter, lora_layers
 from lalm_probe.plugins.models.melspec import MelSpectrogram
-
-from helpers import SR, tone
 
 AUDIO = "<|audio|>"
 

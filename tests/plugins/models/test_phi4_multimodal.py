@@ -10,14 +10,12 @@ import math
 import pytest
 import soundfile as sf
 import torch
-
+from helpers import SR, tone
 from lalm_probe.core.cli import main
 from lalm_probe.core.data import Stimulus
 from lalm_probe.core.engine import Session
 from lalm_probe.core.errors import UserError
 from lalm_probe.plugins.models.phi4_multimodal import Phi4Multimodal
-
-from helpers import SR, tone
 
 PROMPT = "What is said?"
 

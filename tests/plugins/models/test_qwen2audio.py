@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
+from helpers import SR, tone
 from lalm_probe.core.data import Stimulus
 from lalm_probe.core.errors import UserError
 from lalm_probe.plugins.models.qwen2audio import Qwen2Audio
-
-from helpers import SR, tone
 
 
 def items():

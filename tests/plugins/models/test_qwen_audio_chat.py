@@ -6,12 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
+from helpers import SR, tone
 from lalm_probe.core.data import Stimulus
 from lalm_probe.core.engine import Session
 from lalm_probe.plugins.models.qwen_audio_chat import QwenAudioChat
-
-from helpers import SR, tone
 
 # The tiny tokenizer's ids, as the arch test writes them down from tiktoken's BPE on its ranks.
 IM_START, IM_END, NL, PAD, AUDIO, END_AUDIO = 292, 293, [10], 499, 3811, 3812

@@ -14,7 +14,7 @@ import json
 
 import pytest
 import torch
-
+from helpers import SR, tone
 from lalm_probe.core.cli import main
 from lalm_probe.core.data import Stimulus
 from lalm_probe.core.engine import Session
@@ -23,8 +23,6 @@ from lalm_probe.core.model import Prompt
 from lalm_probe.core.plugin import Edit
 from lalm_probe.plugins.models.qwen2_5_omni import Qwen25Omni
 from lalm_probe.plugins.models.qwen3_omni import Qwen3Omni
-
-from helpers import SR, tone
 
 PLUGINS = {"qwen2.5-omni": (Qwen25Omni, "Qwen2_5OmniProcessor"), "qwen3-omni": (Qwen3Omni, "Qwen3OmniMoeProcessor")}
 

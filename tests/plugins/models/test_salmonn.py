@@ -7,14 +7,12 @@ import json
 
 import pytest
 import torch
-
+from helpers import SR, tone
 from lalm_probe.core.data import Stimulus
 from lalm_probe.core.engine import Session
 from lalm_probe.core.errors import UserError
 from lalm_probe.core.model import ModelPlugin
 from lalm_probe.plugins.models.salmonn import Salmonn
-
-from helpers import SR, tone
 
 
 @pytest.fixture(scope="module")

@@ -7,15 +7,13 @@ import re
 
 import pytest
 import torch
-
+from helpers import SR, tone
 from lalm_probe.core.cli import main
 from lalm_probe.core.data import Stimulus
 from lalm_probe.core.engine import Session
 from lalm_probe.core.errors import UserError
 from lalm_probe.core.plugin import Edit
 from lalm_probe.plugins.models.seamless_m4t_v2 import TINY_LANGS, SeamlessM4Tv2
-
-from helpers import SR, tone
 
 
 @pytest.fixture(scope="module", autouse=True)

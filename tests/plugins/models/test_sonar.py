@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
+from helpers import SR, tone
 from lalm_probe.core.data import Stimulus
 from lalm_probe.core.engine import Session
 from lalm_probe.core.errors import UserError
 from lalm_probe.plugins.models.sonar import Sonar
-
-from helpers import SR, tone
 
 
 @pytest.fixture(scope="module")

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
+from helpers import SR, tone
 from lalm_probe.core.data import Stimulus
 from lalm_probe.core.engine import Session
 from lalm_probe.core.errors import UserError
 from lalm_probe.core.model import Prompt
 from lalm_probe.plugins.models.ultravox import Ultravox
-
-from helpers import SR, tone
 
 
 @pytest.fixture(scope="module")

@@ -10,15 +10,13 @@ import io
 import pytest
 import soundfile as sf
 import torch
-
+from helpers import SR, tone
 from lalm_probe.core.data import Stimulus
 from lalm_probe.core.edits import Edit
 from lalm_probe.core.engine import Session
 from lalm_probe.core.errors import UserError
 from lalm_probe.core.model import Prompt
 from lalm_probe.plugins.models.voxtral import Voxtral
-
-from helpers import SR, tone
 
 pytest.importorskip("mistral_common")
 

@@ -7,7 +7,6 @@ import importlib.util
 import json
 
 import pytest
-
 from lalm_probe.core.cli import main
 
 MODELS = [pytest.param("voxtral", marks=pytest.mark.skipif(importlib.util.find_spec("mistral_common") is None,

@@ -6,15 +6,13 @@ import json
 
 import pytest
 import torch
-
+from helpers import SR, tone
 from lalm_probe.core.cli import main
 from lalm_probe.core.data import Stimulus
 from lalm_probe.core.engine import Session
 from lalm_probe.core.errors import UserError
 from lalm_probe.core.plugin import Edit
 from lalm_probe.plugins.models.whisper import Whisper
-
-from helpers import SR, tone
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +61,7 @@ def test_decoder_prompt_follows_the_language_option(whisper, forced):
         plugin.configure(lang="de")
     assert not plugin.accepts(Stimulus("t", text="hello"))
     with pytest.raises(UserError, match="split longer recordings"):
-        whisper.prepare([Stimulus("long", audio=tone(200, 3.0), sample_rate=SR)])  # the tiny window is 2 s
+        whisper.prepare([Stimulus("long", audio=tone(200, 6.0), sample_rate=SR)])  # the tiny window is 5 s
 
 
 def test_padding_does_not_change_an_item(whisper):

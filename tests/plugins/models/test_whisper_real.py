@@ -13,7 +13,6 @@ import shutil
 
 import numpy as np
 import pytest
-
 from lalm_probe.core.cli import main
 
 pytestmark = pytest.mark.real

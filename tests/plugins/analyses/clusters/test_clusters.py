@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from threadpoolctl import threadpool_limits
-from sklearn.metrics import silhouette_score
-
+from helpers import stub_view
 from lalm_probe.core.data import Dataset, Stimulus
 from lalm_probe.core.errors import UserError
 from lalm_probe.core.plugin import Stores
 from lalm_probe.core.store import ActivationStore
-from lalm_probe.plugins.analyses.clusters.measure import (centroid_distances, default_items, effective_perplexity,
-                                                          pairwise_distances, silhouette, silhouette_problem, tsne_2d)
+from lalm_probe.plugins.analyses.clusters.measure import (
+    centroid_distances,
+    default_items,
+    effective_perplexity,
+    pairwise_distances,
+    silhouette,
+    silhouette_problem,
+    tsne_2d,
+)
 from lalm_probe.plugins.analyses.clusters.plugin import Clusters, lalm_probe_analyses
-
-from helpers import stub_view
+from sklearn.metrics import silhouette_score
+from threadpoolctl import threadpool_limits
 
 LANGUAGE_LAYERS = {0, 1, 5}  # the other layers of the planted model cluster by meaning
 N_LAYERS = 6

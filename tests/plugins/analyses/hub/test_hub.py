@@ -5,19 +5,24 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from scipy import stats
-from threadpoolctl import threadpool_limits
-
+from helpers import stub_view
 from lalm_probe.core.data import Dataset, Stimulus
 from lalm_probe.core.errors import UserError
 from lalm_probe.core.plugin import Stores
 from lalm_probe.core.store import ActivationStore
-from lalm_probe.plugins.analyses.hub.measure import (adjusted_scores, baseline_adjusted_cosine, count_tokens,
-                                                     entropy, language_given_hidden, language_given_token, mean_ci,
-                                                     read_corpus)
+from lalm_probe.plugins.analyses.hub.measure import (
+    adjusted_scores,
+    baseline_adjusted_cosine,
+    count_tokens,
+    entropy,
+    language_given_hidden,
+    language_given_token,
+    mean_ci,
+    read_corpus,
+)
 from lalm_probe.plugins.analyses.hub.plugin import Hub, lalm_probe_analyses
-
-from helpers import stub_view
+from scipy import stats
+from threadpoolctl import threadpool_limits
 
 
 @pytest.fixture(autouse=True)

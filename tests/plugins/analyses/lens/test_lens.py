@@ -6,10 +6,13 @@ import math
 
 import numpy as np
 import pytest
-
 from lalm_probe.core.errors import UserError
-from lalm_probe.plugins.analyses.lens.audiolens import (attribute_prompt, critical_layer, information_scores,
-                                                        label_token_ids)
+from lalm_probe.plugins.analyses.lens.audiolens import (
+    attribute_prompt,
+    critical_layer,
+    information_scores,
+    label_token_ids,
+)
 from lalm_probe.plugins.analyses.lens.plugin import LogitLens
 
 
@@ -66,13 +69,11 @@ def test_label_tokens_refuse_words_sharing_a_first_token(qwen_session):
 def test_analysis_scores_equal_hand_computed_lens(qwen_session, tmp_path):
     """The analysis' label probabilities equal softmax(lm_head(norm(h))) at the label tokens, by hand."""
     import torch
-
+    from helpers import SR, tone
     from lalm_probe.core.collect import collect
     from lalm_probe.core.data import Dataset, Stimulus
     from lalm_probe.core.plugin import Stores
     from lalm_probe.core.store import ActivationStore
-
-    from helpers import SR, tone
 
     ds = Dataset([Stimulus(f"i{k}", audio=tone(100 + 30 * k, 0.4), sample_rate=SR,
                            labels={"gender": "male" if k % 2 else "female"}) for k in range(6)])

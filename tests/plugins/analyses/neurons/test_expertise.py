@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from sklearn.metrics import average_precision_score
-
 from lalm_probe.plugins.analyses.neurons.expertise import average_precision, binary_labels, unit_expertise
+from sklearn.metrics import average_precision_score
 
 
 def sklearn_ap(x: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -6,13 +6,18 @@ import math
 
 import numpy as np
 import pytest
-from scipy.stats import spearmanr
-
 from lalm_probe.core.errors import UserError
-from lalm_probe.plugins.analyses.neurons.overlap import (ap_spearman, aligned_ap, diagonal_concentration,
-                                                         diagonal_ratio, overlap_matrix, permutation_test,
-                                                         ratio_by_k)
+from lalm_probe.plugins.analyses.neurons.overlap import (
+    aligned_ap,
+    ap_spearman,
+    diagonal_concentration,
+    diagonal_ratio,
+    overlap_matrix,
+    permutation_test,
+    ratio_by_k,
+)
 from lalm_probe.plugins.analyses.neurons.table import from_columns
+from scipy.stats import spearmanr
 
 
 def table_of(ap_by_unit: dict[tuple[str, int], float]) -> object:

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from lalm_probe.core.errors import UserError
 from lalm_probe.plugins.analyses.neurons.expertise import unit_expertise
 from lalm_probe.plugins.analyses.neurons.selection import ranking, select, selected_keys
-from lalm_probe.plugins.analyses.neurons.table import (COLUMNS, ExpertiseTable, expertise_table, from_columns,
-                                                       parse_site, read_csv, write_csv)
+from lalm_probe.plugins.analyses.neurons.table import (
+    COLUMNS,
+    ExpertiseTable,
+    expertise_table,
+    from_columns,
+    parse_site,
+    read_csv,
+    write_csv,
+)
 
 
 def table_of(rows: list[tuple[str, int, float]]) -> ExpertiseTable:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from threadpoolctl import threadpool_limits
-
+from helpers import stub_view
 from lalm_probe.core.data import Dataset, Stimulus
 from lalm_probe.core.errors import UserError
 from lalm_probe.core.plugin import Stores
@@ -13,8 +12,7 @@ from lalm_probe.core.store import ActivationStore
 from lalm_probe.plugins.analyses.reps import pair_layers
 from lalm_probe.plugins.analyses.svcca.measure import cca_correlations, svcca, svd_reduce, variance_rank
 from lalm_probe.plugins.analyses.svcca.plugin import SVCCAAnalysis, lalm_probe_analyses
-
-from helpers import stub_view
+from threadpoolctl import threadpool_limits
 
 
 @pytest.fixture(autouse=True)

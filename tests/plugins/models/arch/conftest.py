@@ -10,7 +10,6 @@ import pytest
 import torch
 
 
-
 @dataclass
 class Tiny:
     paths: dict

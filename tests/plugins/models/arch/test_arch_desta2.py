@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
+from arch_helpers import checkpoint_keys, clips, llama_keys, whisper_encoder_keys
 from lalm_probe.core.errors import UserError
 from lalm_probe.plugins.models.arch.desta2 import Desta2Config, DestaModel
 from lalm_probe.plugins.models.arch.desta2_io import load_desta2
-
-from arch_helpers import checkpoint_keys, clips, llama_keys, whisper_encoder_keys
 
 WHISPER_SMALL = dict(d_model=768, encoder_layers=12, decoder_layers=12, encoder_attention_heads=12,
                      decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072, num_mel_bins=80,

@@ -5,14 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
+from arch_helpers import clips
 from lalm_probe.plugins.models.arch.kaldi_fbank import fbank
 from lalm_probe.plugins.models.arch.layout import left_pad, scatter_audio, token_span
 from lalm_probe.plugins.models.arch.lora import LoraLinear, PeftCausalLM, inject_lora
 from lalm_probe.plugins.models.arch.salmonn_beats import BEATs, BEATsConfig
 from lalm_probe.plugins.models.arch.salmonn_io import TINY_BEATS
-
-from arch_helpers import clips
 
 
 @pytest.mark.parametrize("seconds", [0.03, 1.0, 2.37])

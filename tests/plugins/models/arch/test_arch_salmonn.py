@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
+from arch_helpers import checkpoint_keys, clips, llama_keys, whisper_encoder_keys
 from lalm_probe.core.errors import UserError
 from lalm_probe.plugins.models.arch.salmonn import SalmonnConfig, SalmonnModel
 from lalm_probe.plugins.models.arch.salmonn_io import load_salmonn
-
-from arch_helpers import checkpoint_keys, clips, llama_keys, whisper_encoder_keys
 
 WHISPER_LARGE_V2 = dict(d_model=1280, encoder_layers=32, decoder_layers=32, encoder_attention_heads=20,
                         decoder_attention_heads=20, encoder_ffn_dim=5120, decoder_ffn_dim=5120, num_mel_bins=80,

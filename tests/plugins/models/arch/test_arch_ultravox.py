@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
+from arch_helpers import checkpoint_keys, clips, llama_keys, whisper_encoder_keys
 from lalm_probe.core.errors import UserError
 from lalm_probe.plugins.models.arch.ultravox import UltravoxConfig, UltravoxModel
 from lalm_probe.plugins.models.arch.ultravox_io import load_ultravox
-
-from arch_helpers import checkpoint_keys, clips, llama_keys, whisper_encoder_keys
 
 # whisper-large-v3-turbo's encoder (audio_model_id of both v0.5 releases)
 TURBO = dict(d_model=1280, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120, num_mel_bins=128,

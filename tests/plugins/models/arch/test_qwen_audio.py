@@ -6,15 +6,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
+from helpers import SR, tone
 from lalm_probe.core.errors import UserError
 from lalm_probe.plugins.models.arch.qwen_audio import QWenConfig, QWenLMHeadModel, ntk_alpha
 from lalm_probe.plugins.models.arch.qwen_audio_encoder import audio_token_count, log_mel_spectrogram, pad_or_trim
 from lalm_probe.plugins.models.arch.qwen_audio_load import build_tiny_qwen_audio_chat, load_qwen_audio_chat
 from lalm_probe.plugins.models.arch.qwen_audio_processor import list_format_query
 from lalm_probe.plugins.models.arch.qwen_audio_tokenizer import special_tokens
-
-from helpers import SR, tone
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -265,9 +263,8 @@ def test_a_checkpoint_without_the_sinusoid_table_gets_it_recomputed(tiny_dir, tm
     import json
     import shutil
 
-    from safetensors.torch import load_file, save_file
-
     from lalm_probe.plugins.models.arch.qwen_audio_encoder import sinusoids
+    from safetensors.torch import load_file, save_file
 
     shutil.copytree(tiny_dir, tmp_path, dirs_exist_ok=True)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())

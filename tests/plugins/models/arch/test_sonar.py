@@ -10,16 +10,22 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
+from helpers import SR, tone
 from lalm_probe.core.errors import UserError
 from lalm_probe.plugins.models.arch.sonar_checkpoint import read_state_dict
-from lalm_probe.plugins.models.arch.sonar_speech import (SonarSpeechConfig, SonarSpeechEncoder, build_tiny_sonar_speech,
-                                                         load_sonar_speech)
-from lalm_probe.plugins.models.arch.sonar_text import (SonarTextConfig, SonarTextEncoder, build_tiny_sonar_text,
-                                                       load_sonar_text)
+from lalm_probe.plugins.models.arch.sonar_speech import (
+    SonarSpeechConfig,
+    SonarSpeechEncoder,
+    build_tiny_sonar_speech,
+    load_sonar_speech,
+)
+from lalm_probe.plugins.models.arch.sonar_text import (
+    SonarTextConfig,
+    SonarTextEncoder,
+    build_tiny_sonar_text,
+    load_sonar_text,
+)
 from lalm_probe.plugins.models.arch.sonar_tokenizer import NLLB_LANGS
-
-from helpers import SR, tone
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from lalm_probe.core.errors import UserError
+from lalm_probe.plugins.models import ct2 as cw
+from lalm_probe.plugins.models.ct2 import format as ct2_format
+from lalm_probe.plugins.models.ct2 import offline as ct2_offline
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import WhisperConfig, WhisperForConditionalGeneration, WhisperProcessor
 from transformers.models.whisper.tokenization_whisper import LANGUAGES
-
-from lalm_probe.core.errors import UserError
-from lalm_probe.plugins.models import ct2 as cw
-from lalm_probe.plugins.models.ct2 import format as ct2_format, offline as ct2_offline
 
 # ---------------------------------------------------------------------------------------------
 # Synthetic checkpoint writer (test-only inverse of the converter)
