@@ -200,6 +200,7 @@ class Pipeline:
         with analysis_threads():  # t-SNE and SVD crawl when BLAS threads fight over a small machine
             result = analysis.analyze(self.view, dataset, stores)
         result.summary.setdefault("layer_numbering", LAYERS)
+        result.arrays.setdefault("item_ids", np.array([it.id for it in dataset]))  # rows of per-item arrays
         where.mkdir(parents=True, exist_ok=True)
         written = write_result(result, where)
         (where / "report.md").write_text(report(self.record, result, where), encoding="utf-8")

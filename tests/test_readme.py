@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import re
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
 import tomllib
+import types
 from lalm_probe.core.cli import main
 
 README = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
@@ -56,7 +58,9 @@ def test_every_probe_command_in_the_readme_runs(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("number", range(len(blocks("python"))))
 def test_every_python_block_in_the_readme_runs(number, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    exec(compile(blocks("python")[number], f"README.md python block {number}", "exec"), {"__name__": "readme"})
+    module = types.ModuleType(f"readme_block_{number}")  # a real module: dataclasses look their module up
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    exec(compile(blocks("python")[number], f"README.md python block {number}", "exec"), module.__dict__)
 
 
 def test_the_toml_in_the_readme_parses():
