@@ -10,11 +10,11 @@ from __future__ import annotations
 import re
 import shlex
 import sys
+import types
 from pathlib import Path
 
 import pytest
 import tomllib
-import types
 from lalm_probe.core.cli import main
 
 README = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
