@@ -28,9 +28,8 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from sklearn.metrics import average_precision_score
-
 from lalm_probe.plugins.analyses.neurons.expertise import average_precision, unit_expertise
+from sklearn.metrics import average_precision_score
 
 
 def best_of(fn: Callable[[], object], repeats: int) -> tuple[float, object]:

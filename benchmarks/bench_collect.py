@@ -12,7 +12,6 @@ import time
 
 import numpy as np
 import torch
-
 from lalm_probe.core.collect import collect
 from lalm_probe.core.data import Dataset, Stimulus
 from lalm_probe.core.engine import Session

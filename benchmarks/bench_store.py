@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from lalm_probe.core.store import ActivationStore
 
 

@@ -17,9 +17,8 @@ import time
 
 import numpy as np
 import scipy.linalg
-from threadpoolctl import threadpool_limits
-
 from lalm_probe.plugins.analyses.svcca import svcca
+from threadpoolctl import threadpool_limits
 
 VARIANCE, EPSILON = 0.9, 1e-10
 

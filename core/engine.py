@@ -215,6 +215,8 @@ class Session:
 
     def _edit_ops(self, edit: Edit, prepared: Prepared, ids: Sequence[str], n: int) -> list[Op]:
         (site,) = self.sites([edit.site])
+        if not self.reachable_reads([(site, "last")], prepared, ids):
+            return []  # no row runs this module (a speech encoder for text items): the edit has nothing to change
         steps = edit_steps(edit.steps, self._once(site))
         ops = []
         if edit.source:
@@ -244,7 +246,8 @@ class Session:
 
     def reachable_reads(self, reads: Sequence[tuple[Site, str]], prepared: Prepared,
                      ids: Sequence[str]) -> list[tuple[Site, str]]:
-        """Drop reads of stacks no row of this batch passes through; a stack only some rows reach is an error."""
+        """Drop reads (or edits) of stacks no row of this batch passes through; a stack only some rows reach is an
+        error."""
         out = []
         for site, sel in reads:
             key = self.plugin.resolved[site.stack].rows_key(site.component)

@@ -52,13 +52,15 @@ class OutputStore:
             os.fsync(f.fileno())
 
     def mark_complete(self, order: Sequence[str]) -> None:
-        """Rewrite in dataset order under the final name."""
-        rows = {r["id"]: r for r in self._rows(self.partial)} if self.partial.is_file() else {}
+        """Rewrite in dataset order under the final name (a store completed earlier is checked, not rewritten)."""
+        source = self.partial if self.partial.is_file() or not self.complete else self.path
+        rows = {r["id"]: r for r in self._rows(source)} if source.is_file() else {}
         missing = [i for i in order if i not in rows]
         if missing:
             raise UserError(f"{len(missing)} items have no output (e.g. '{missing[0]}'); the run is incomplete.")
-        write_text(self.path, "".join(json.dumps(rows[i], ensure_ascii=False, default=str) + "\n" for i in order))
-        self.partial.unlink(missing_ok=True)
+        if source == self.partial:
+            write_text(self.path, "".join(json.dumps(rows[i], ensure_ascii=False, default=str) + "\n" for i in order))
+            self.partial.unlink(missing_ok=True)
 
     def load(self, order: Sequence[str] | None = None) -> list[dict[str, Any]]:
         if not self.complete:

@@ -6,7 +6,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from rich.markup import escape
@@ -33,6 +33,9 @@ class Result:
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     figures: dict[str, Any] = field(default_factory=dict)  # name -> matplotlib Figure
     notes: list[str] = field(default_factory=list)
+    # Further files, written beside the result: relative path -> a function that writes it there (a table too big
+    # for results.json, such as a neuron expertise table). They are written after everything above.
+    files: dict[str, Callable[[Path], None]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"summary": _clean(self.summary), "tables": [{"title": t.title, "rows": _clean(t.rows)}
@@ -81,6 +84,11 @@ def write_result(result: Result, out: Path) -> list[Path]:
             fig.savefig(path, dpi=120, bbox_inches="tight")
             plt.close(fig)
             written.append(path)
+    for name, write in result.files.items():
+        path = out / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(path)
+        written.append(path)
     written.append(write_json(out / "results.json", result.to_json()))
     return written
 

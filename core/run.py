@@ -288,6 +288,7 @@ def analyze_run(run_dir: Path, spec: str, registry: Registry, console: Any) -> t
     if missing:
         raise UserError(f"The run's data no longer holds item '{missing[0]}'; `probe analyze` needs the same data.")
     dataset = Dataset([full[i] for i in old["dataset"]["ids"]], name=old["dataset"]["name"])
+    analysis.check(dataset)
     with locked(run_dir):
         record = dict(old)
         pipe = Pipeline(cfg, _load(cfg, registry, console), run_dir, record, console)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import time
 
 import numpy as np
@@ -47,6 +48,22 @@ CASES = {
                       "OUT"),
     "probing split too small": ([*RUN, "--analysis", "logitlens:label=gender", "--intervention", "layer-enrich"],
                                 2, "needs more than probe_size=100 items", "OUT"),
+    "neurons of one label value": ([*RUN[:-4], "--data", "ONE", "--out", "OUT", "--analysis", "neurons:label=gender"],
+                                   2, "one value against the rest needs at least two", "OUT"),
+    "neurons of a value with no items": ([*RUN, "--analysis", "neurons:label=gender,values=[child]"], 2,
+                                         "no item has gender=child; the data has female, male", "OUT"),
+    "neurons k too large": ([*RUN, "--analysis", "neurons:label=gender,k=100000"], 2,
+                            "fewer than the 200000 the top/bottom/both-100000 sets need", "OUT/store"),
+    "median-patch table of another model": ([*RUN, "--analysis", "generate", "--intervention",
+                                             "median-patch:label=gender,value=male,table=OTHER"], 2,
+                                            "is a run of 'whisper', not of 'qwen2audio'", "OUT/store"),
+    "median-patch step not in the table": ([*RUN, "--analysis", "generate", "--intervention",
+                                            "median-patch:label=gender,value=male,table=TABLES,position=step:6"], 2,
+                                           "no expertise table for gender=male, speech, step:6; it has positions "
+                                           "step1", "OUT/store"),
+    "median-patch table of another site set": ([*RUN, "--analysis", "generate", "--intervention",
+                                                "median-patch:label=gender,value=male,table=CSV"], 2,
+                                               "sites do not fit 'qwen2audio'", "OUT/store"),
     "bad shard": ([*RUN, "--analysis", "logitlens", "--shard", "3/2"], 2, "k must be in 0..N-1", None),
     "bad spec file": ([*RUN, "--analysis", "SPEC"], 2, "is not valid JSON", None),
     "unknown data source": (["run", *TINY, "--analysis", "logitlens", "--data", "synthh:demo"], 2,
@@ -81,6 +98,7 @@ CASES = {
     "analyze an unfinished folder": (["analyze", "EMPTY", "--analysis", "logitlens"], 2, "is not a finished run",
                                      None),
 }
+CSV = "site,stack,layer,component,unit,ap,on_p50,on_p90,off_mean,off_p50\ntext_decoder.0.fc1,text_decoder,0,fc1,0,1,1,1,0,0\n"
 AUDIO = {"audio missing": None, "audio not audio": b"this is not audio", "audio zero bytes": b"",
          "audio no samples": wav(np.zeros(0, np.float32)),
          "audio not finite": wav(np.array([0.1, np.nan, 0.2], np.float32), "FLOAT"),
@@ -109,8 +127,15 @@ def test_bad_input_is_one_line_with_the_right_exit_status(case, capsys, tmp_path
             "AUDIO": _manifest(tmp_path / "audio.jsonl", [{"id": "x", "audio": "x.wav", "labels": {"gender": "m"}}]),
             "ONE": _manifest(tmp_path / "one.jsonl", [{"id": f"t{i}", "text": "hi", "labels": {"gender": "male"}}
                                                       for i in range(3)])}
+    tables = tmp_path / "tables" / "expertise" / "gender=male" / "speech"
+    tables.mkdir(parents=True)
+    (tables / "step1.csv").write_text(CSV)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "run.json").write_text(json.dumps({"config": {"model": "whisper"}}))
+    (tmp_path / "sites.csv").write_text(CSV)
+    swap.update(TABLES=str(tmp_path / "tables"), OTHER=str(tmp_path / "other"), CSV=str(tmp_path / "sites.csv"))
     start = time.monotonic()
-    code = main([swap.get(a, a) for a in argv])
+    code = main([re.sub(r"=([A-Z]+)\b", lambda m: "=" + swap.get(m[1], m[1]), swap.get(a, a)) for a in argv])
     out = capsys.readouterr()
     assert code == status, out.err
     assert message in out.err and "Traceback" not in out.err + out.out
