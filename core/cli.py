@@ -10,6 +10,7 @@ import dataclasses
 import errno
 import json
 import os
+import re
 import sys
 import typing
 import warnings
@@ -25,7 +26,7 @@ from .commands import add_data_commands
 from .errors import UserError
 from .registry import Registry, discover
 from .spec import split_spec
-from .vocab import VOCABULARY
+from .vocab import PATTERNS, VOCABULARY, describe, pattern_of
 
 console = Console()
 err_console = Console(stderr=True)
@@ -118,10 +119,10 @@ def cmd_info(args: argparse.Namespace) -> int:
             return 0
     if not args.model:
         if args.json:
-            print(json.dumps(VOCABULARY, indent=1))
+            print(json.dumps({**VOCABULARY, **PATTERNS}, indent=1))
             return 0
-        show_table("Canonical site components (stack.<layer>.<component>)", ("component", "what it is"),
-                   list(VOCABULARY.items()))
+        show_table("Canonical site components (stack.<layer>.<component>; <i> counts from 0)",
+                   ("component", "what it is"), list(VOCABULARY.items()) + list(PATTERNS.items()))
         return 0
     cls, load = _load(args)
     plugin = load()
@@ -134,8 +135,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps(about, indent=1, default=str))
         return 0
     for stack, d in stacks.items():
-        rows = [[f"{stack}.<0..{d['layers'] - 1}>.{c}", w, VOCABULARY.get(c, "model-specific")]
-                for c, w in d["components"].items()]
+        rows = _component_rows(stack, d)
         rows += [[f"{stack}.{e}", w, "stack-level extra"] for e, w in d["extras"].items()]
         show_table(f"{stack}: {d['layers']} layers at {d['path']}, runs {d['runs'].replace('_', ' ')}"
                    f"{', logit lens' if d['lens'] else ''}", ("site", "width", "what it is"), rows)
@@ -150,6 +150,31 @@ def cmd_info(args: argparse.Namespace) -> int:
     for line in lines:
         console.print(escape(line), soft_wrap=True, highlight=False)
     return 0
+
+
+def _component_rows(stack: str, d: dict[str, Any]) -> list[list[Any]]:
+    """One row per component, and one per pattern family (``lm.<0..47>.expert<0..127>_act``) where the first
+    member stands, with the members' width (a list where they differ)."""
+    layers = f"<0..{d['layers'] - 1}>"
+    families: dict[str, dict[int, Any]] = {}
+    rows: list[Any] = []
+    for c, w in d["components"].items():
+        pattern = pattern_of(c)
+        if pattern is None:
+            rows.append([f"{stack}.{layers}.{c}", w, describe(c) or "model-specific"])
+            continue
+        if pattern not in families:
+            families[pattern] = {}
+            rows.append(pattern)
+        families[pattern][int(re.search(r"\d+", c).group())] = w
+    for i, row in enumerate(rows):
+        if isinstance(row, str):
+            members = families[row]
+            index = f"<0..{len(members) - 1}>" if sorted(members) == list(range(len(members))) else str(sorted(members))
+            widths = list(members.values())
+            width = widths[0] if all(w == widths[0] for w in widths) else widths
+            rows[i] = [f"{stack}.{layers}.{row.replace('<i>', index)}", width, PATTERNS[row]]
+    return rows
 
 
 def cmd_check(args: argparse.Namespace) -> int:

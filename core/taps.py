@@ -19,11 +19,20 @@ Layouts:
 - ``altup``: ``(streams, batch, time, units)``, the stacked residual streams of an AltUp layer (Gemma 3n's decoder
   layers, whose ``altup_active_idx`` is 0). Stream 0 is the one the layer computes (attention and MLP run on it)
   and the one the site reads and edits; the other streams pass through unchanged.
+
+Lazy taps: some views cost real work to build (a mixture-of-experts layer's expert i exists only at the tokens
+routed to it, so its ``(batch, time, units)`` view is a dense scatter, per expert and per part). A
+:class:`LazyTap` is called, and its view built, only while it is *armed*: :func:`arming` arms the taps at the module
+paths a pass reads or edits (:mod:`.tracing` does it for every trace, so the engine reads them like any module),
+and modules on the way that hold lazy taps (:class:`Armable`) are armed with them, so their owner checks one flag
+and does nothing extra in passes that touch none of its taps. Outside the engine (a plain forward, your own hooks)
+a lazy tap is not called unless you arm it: ``with arming(model, ["...probe_tap.3.act"]): model(**inputs)``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -53,6 +62,39 @@ LAYOUTS: dict[str, tuple[Callable[[Any], torch.Tensor], Callable[[Any, torch.Ten
 
 class Tap(torch.nn.Identity):
     """An identity module that exists to be read and edited; its input is a module's output in site layout."""
+
+
+class Armable:
+    """A module that does extra work only while armed (``armed`` counts the passes that arm it; 0: idle)."""
+
+    armed: int = 0
+
+
+class LazyTap(Tap, Armable):
+    """A tap its owner calls only while it is armed (see the module docstring); ``units`` is its width."""
+
+    def __init__(self, units: int) -> None:
+        super().__init__()
+        self.units = units
+
+
+@contextmanager
+def arming(model: torch.nn.Module, paths: Sequence[str]) -> Iterator[None]:
+    """Arm every :class:`Armable` module at or on the way to ``paths`` (dotted, from ``model``) for the block."""
+    marked: list[Armable] = []
+    for path in dict.fromkeys(paths):
+        mod: Any = model
+        for part in filter(None, path.split(".")):
+            mod = mod[int(part)] if part.isdigit() else getattr(mod, part)
+            if isinstance(mod, Armable):
+                marked.append(mod)
+    for mod in marked:
+        mod.armed += 1
+    try:
+        yield
+    finally:
+        for mod in marked:
+            mod.armed -= 1
 
 
 def tap_path(path: str, layout: str) -> str:

@@ -17,6 +17,7 @@ from nnsight import NNsight
 from .errors import UserError
 from .stacks import get_module
 from .steps import Steps, last_step
+from .taps import arming
 
 Reader = Callable[[torch.Tensor, dict], torch.Tensor]
 Editor = Callable[[torch.Tensor, dict], torch.Tensor]
@@ -86,7 +87,8 @@ class Tracer:
         """When each module first starts and first finishes, recorded with plain torch hooks on one forward.
 
         nnsight hands out a module's input when it starts and its output when it finishes, and refuses to go
-        back, so input edits are ordered by start and output reads/edits by finish.
+        back, so input edits are ordered by start and output reads/edits by finish. Lazy taps among ``paths`` are
+        armed, as they are in the traces that use the order.
         """
         events: dict[tuple[str, str], int] = {}
 
@@ -100,7 +102,7 @@ class Tracer:
             mod = get_module(self.model, p)
             handles += [mod.register_forward_pre_hook(mark(p, "start")), mod.register_forward_hook(mark(p, "end"))]
         try:
-            with torch.no_grad():
+            with torch.no_grad(), arming(self.model, paths):
                 self.model(**inputs)
         finally:
             for h in handles:
@@ -114,7 +116,7 @@ class Tracer:
         """One forward pass with every op applied at its module; returns ``{key: tensor}`` for the reads."""
         ops = sorted(ops, key=lambda o: o.order)
         state: dict[str, Any] = {}
-        with torch.no_grad():
+        with torch.no_grad(), arming(self.model, [op.module for op in ops]):
             with self.envoy.trace(**inputs):
                 for op in ops:
                     _apply(self._env(op.module), op, state)
@@ -149,7 +151,7 @@ class Tracer:
             with torch.no_grad():
                 return {}, self.model.generate(**inputs, max_new_tokens=max_new_tokens, **gen_kwargs)
         steps = range(max_new_tokens) if not until_eos else (None if last is None else range(min(last, max_new_tokens)))
-        with torch.no_grad(), warnings.catch_warnings():
+        with torch.no_grad(), warnings.catch_warnings(), arming(self.model, [op.module for op in ops]):
             # An open-ended loop ends when generation stops; nnsight reports the step it waited for.
             warnings.filterwarnings("ignore", message=".*was never reached.*")
             with self.envoy.trace(**inputs, fn=run_generate, max_new_tokens=max_new_tokens,

@@ -7,10 +7,18 @@ model that has the part. A plugin maps the components its layers have (through t
 
 Every value is read as ``(batch, time, units)``; *width* is the number of units. Attention and norm "outputs" are the
 module outputs, before any residual add.
+
+Component families (:data:`PATTERNS`) name one component per index where a layer has many of a part: a
+mixture-of-experts MLP's expert i is ``expert<i>_gate``, ``expert<i>_up``, ``expert<i>_act`` and ``expert<i>_out``
+(``lm.*.expert5_act``), its MLP read like any MLP (``mlp_gate``, ``mlp_up``, ``mlp_act``, ``mlp_down``) on the
+layer's own positions. An expert runs only on the tokens routed to it: at other tokens it reads zeros and an edit
+changes nothing (:mod:`~lalm_probe.core.experts`). A layer with 128 experts has 512 such components; the pattern
+keeps them one entry here and one row in ``probe info``.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -86,6 +94,29 @@ VOCABULARY: dict[str, str] = {
 }
 
 
+# pattern (``<i>`` an index from 0) -> what each member is
+PATTERNS: dict[str, str] = {
+    "expert<i>_gate": "MoE expert i's gate projection output (zero at tokens not routed to expert i)",
+    "expert<i>_up": "MoE expert i's up projection output (zero at tokens not routed to expert i)",
+    "expert<i>_act": "MoE expert i's hidden activation act(gate)*up, the input of its down projection (zero at "
+                     "tokens not routed to expert i, where an edit changes nothing)",
+    "expert<i>_out": "MoE expert i's output (its down projection), before the routing weight (zero at tokens not "
+                     "routed to expert i)",
+}
+_MEMBER = re.compile("^" + "|".join(f"(?:{re.escape(p).replace('<i>', '(?:0|[1-9][0-9]*)')})" for p in PATTERNS) + "$")
+
+
+def pattern_of(name: str) -> str | None:
+    """The pattern a component belongs to (``expert12_act`` -> ``expert<i>_act``), or None."""
+    return re.sub(r"\d+", "<i>", name, count=1) if _MEMBER.match(name) else None
+
+
+def describe(name: str) -> str | None:
+    """What a canonical component is (a pattern member's pattern text), or None for a model-specific one."""
+    pattern = pattern_of(name)
+    return PATTERNS[pattern] if pattern else VOCABULARY.get(name)
+
+
 def is_canonical(name: str) -> bool:
-    """Whether ``name`` is a canonical component (anything else is a model-specific extra)."""
-    return name in VOCABULARY
+    """Whether ``name`` is a canonical component or a member of a pattern (anything else is model-specific)."""
+    return name in VOCABULARY or pattern_of(name) is not None

@@ -11,10 +11,15 @@ or ``tiny``. The talker and code2wav (speech output) are not loaded.
   ``(batch, time, experts)`` (width = number of experts); ``mlp``, the block's output, i.e. the routing-weighted sum
   of the chosen experts' MLPs. The router's module output flattens batch and time ``(batch*time, experts)``; a tap
   restores the two axes from the block's input, and an edit of the logits re-routes (softmax, top-k and
-  renormalisation are recomputed from the edited logits exactly as the router does). Single experts are not sites:
-  the experts are one fused module (weights ``(experts, 2*hidden, units)``) that runs each expert on the subset of
-  tokens routed to it, so no module output holds one expert's activations at every position. Which experts a token
-  took is the top-k of ``moe_router``.
+  renormalisation are recomputed from the edited logits exactly as the router does). Which experts a token took is
+  the top-k of ``moe_router``.
+- Each expert's MLP: ``expert<i>_gate``, ``expert<i>_up``, ``expert<i>_act`` (act(gate)*up, width
+  ``moe_intermediate_size``) and ``expert<i>_out`` (its output before the routing weight, width ``hidden_size``)
+  for i = 0..num_experts-1 (128 in the released models), read and edited as ``(batch, time, units)`` on the LM's
+  positions like any MLP. The experts are one fused module that runs each expert on the tokens routed to it, so a
+  token not routed to expert i reads zeros there and an edit at it changes nothing; an edit at a routed token flows
+  through the rest of the expert and its routing weight into ``mlp``. The taps cost nothing in a pass that reads
+  none of them (see :mod:`lalm_probe.core.experts`).
 - mRoPE positions come from the model (``get_rope_index``), as for Qwen2.5-Omni.
 - The processor pads waveforms to the batch's longest clip, which changes a clip's last mel frame with the batch;
   each clip's features are taken as the processor computes them for the clip alone, so a clip reads the same in
@@ -23,11 +28,13 @@ or ``tiny``. The talker and code2wav (speech output) are not loaded.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import torch
 from lalm_probe.core.audio_lm import AudioLM
+from lalm_probe.core.experts import expert_components, tap_experts
 from lalm_probe.core.positions import Positions
 from lalm_probe.core.registry import hookimpl
 from lalm_probe.core.stacks import Stack
@@ -112,6 +119,10 @@ class Qwen3Omni(AudioLM):
         for layer in self.model.model.language_model.layers:
             if hasattr(layer.mlp, "gate") and not hasattr(layer.mlp.gate, TAP):
                 tap_router(layer.mlp)
+                tap_experts(layer.mlp)
+        experts = expert_components(self.model.config.text_config.num_experts)  # as many as this checkpoint has
+        self.stacks = tuple(replace(st, components={**st.components, **experts}) if st.name == "lm" else st
+                            for st in type(self).stacks)
 
     def encode(self, texts: list[str], clips: list[np.ndarray]) -> dict[str, Any]:
         inputs = super().encode(texts, clips)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from helpers import SR, tone
@@ -14,6 +16,7 @@ from lalm_probe.core.stacks import Stack
 from lalm_probe.core.templates import decoder_layer
 from lalm_probe.core.vocab import Component
 from lalm_probe.plugins.models.qwen2audio import Qwen2Audio
+from lalm_probe.plugins.models.qwen3_omni import Qwen3Omni
 
 MODELS = discover().names("model")  # built-in and installed third-party plugins alike
 
@@ -69,6 +72,17 @@ class NaNAudio(Qwen2Audio):
         return prepared
 
 
+class ExpertWidth(Qwen3Omni):
+    """Declares one expert's output as wide as its activation."""
+
+    name = "broken-omni-expert-width"
+
+    def setup(self):
+        super().setup()
+        self.stacks = tuple(replace(st, components={**st.components, "expert3_out": Component(
+            "mlp.experts.probe_tap.3.out", width=32)}) if st.name == "lm" else st for st in self.stacks)
+
+
 class LensWithoutNorm(Qwen2Audio):
     name = "broken-lens"
     stacks = (Qwen2Audio.stacks[0], _lm_stack(final_norm=()))
@@ -79,6 +93,7 @@ class LensWithoutNorm(Qwen2Audio):
     (WrongWidth, "sites", "lm.0.mlp_up: read shape (3, 128), declared width 99"),
     (PaddingLeak, "padding", "alone and in a padded batch differ"),
     (LensWithoutNorm, "lens", "lm.7.out: the lens gives logits"),
+    (ExpertWidth, "sites", "lm.0.expert3_out: read shape (3, 64), declared width 32"),
     (NaNAudio, "padding", "alone and in a padded batch differ by inf"),  # NaN never compares as "no difference"
 ])
 def test_a_broken_plugin_fails_its_check_with_one_clear_line(broken, check, says):

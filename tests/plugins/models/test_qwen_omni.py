@@ -1,7 +1,7 @@
 """The Qwen2.5-Omni and Qwen3-Omni thinker plugins on their tiny real architectures: prompts and audio spans against
-the real processor classes, per-clip reads and edits of the packed audio towers, Qwen3-Omni's router, loading a
-full (thinker + talker) checkpoint, and the CLI. Padding, hidden states, the lens and decode steps are covered by
-``probe check`` (tests/core/test_check.py).
+the real processor classes, per-clip reads and edits of the packed audio towers, Qwen3-Omni's router and experts,
+loading a full (thinker + talker) checkpoint, and the CLI. Padding, hidden states, the lens and decode steps are
+covered by ``probe check`` (tests/core/test_check.py).
 
 The real processors are built here from the tiny checkpoint's tokenizer, feature extractor and chat template, with
 their image and video processors left out (the class check that demands them is bypassed for the test only; neither
@@ -11,6 +11,7 @@ runs without images or videos): the plugins' inputs are compared with what that 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from lalm_probe.core.cli import main
 from lalm_probe.core.data import Stimulus
 from lalm_probe.core.engine import Session
 from lalm_probe.core.errors import UserError
+from lalm_probe.core.experts import PARTS
 from lalm_probe.core.model import Prompt
 from lalm_probe.core.plugin import Edit
 from lalm_probe.plugins.models.qwen2_5_omni import Qwen25Omni
@@ -168,6 +170,98 @@ def test_qwen3_router_logits_are_per_token_and_an_edit_reroutes_the_tokens(omni3
         lm = row["lm"]
         assert (chosen[b, lm.offset:lm.offset + lm.length] == 3).any(-1).all()
         assert not torch.allclose(rerouted["lm.1.mlp@all"][b], reads["lm.1.mlp@all"][b])
+
+
+def routed(router_logits: torch.Tensor, top_k: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's experts and their renormalised routing weights, from its router logits (the router's rule)."""
+    weights, experts = torch.softmax(router_logits, dim=-1).topk(top_k, dim=-1)
+    return experts, weights / weights.sum(-1, keepdim=True)
+
+
+def test_qwen3_expert_sites_are_each_experts_mlp_at_the_tokens_routed_to_it(omni3):
+    plugin, items = omni3.plugin, clips()
+    experts = plugin.model.model.language_model.layers[1].mlp.experts
+    n = plugin.model.config.text_config.num_experts
+    assert plugin.model.config.text_config.norm_topk_prob and experts.config._experts_implementation == "grouped_mm"
+    sites = [f"lm.1.expert{e}_{part}" for e in range(n) for part in PARTS]
+    reads = omni3.run(items, ["lm.1.mlp_norm", "lm.1.moe_router", "lm.1.mlp", *sites], ["all"])
+    assert [omni3.width(f"lm.1.expert0_{part}") for part in PARTS] == [32, 32, 32, 64]
+    for b in range(len(items)):
+        x = reads["lm.1.mlp_norm@all"][b]  # the block's input
+        chosen, weights = routed(reads["lm.1.moe_router@all"][b])
+        mixed = torch.zeros_like(x)
+        for e in range(n):
+            mine = (chosen == e).any(-1)
+            assert mine.any() and not mine.all()
+            gate, up = (x @ experts.gate_up_proj[e].T).chunk(2, dim=-1)
+            act = experts.act_fn(gate) * up
+            by_hand = {"gate": gate, "up": up, "act": act, "out": act @ experts.down_proj[e].T}
+            for part, want in by_hand.items():
+                got = reads[f"lm.1.expert{e}_{part}@all"][b]
+                torch.testing.assert_close(got[mine], want[mine])
+                assert not got[~mine].any(), f"expert{e}_{part} reads a token not routed to it"
+            mixed += (weights * (chosen == e)).sum(-1, keepdim=True) * reads[f"lm.1.expert{e}_out@all"][b]
+        torch.testing.assert_close(mixed, reads["lm.1.mlp@all"][b])  # the block: routing-weighted expert outputs
+
+
+def test_qwen3_an_edit_of_one_experts_activation_changes_exactly_the_tokens_routed_to_it(omni3):
+    plugin, items = omni3.plugin, clips()
+    experts = plugin.model.model.language_model.layers[1].mlp.experts
+    vector = torch.randn(omni3.width("lm.1.expert2_act"), generator=torch.Generator().manual_seed(0))
+    plain = omni3.run(items, ["lm.1.moe_router", "lm.1.mlp", "lm.3.out"], ["all"])
+    edited = omni3.run(items, ["lm.1.mlp", "lm.3.out"], ["all"],
+                       edits=[Edit("lm.1.expert2_act", "add", positions="all", value=vector)])  # routed or not
+    for b in range(len(items)):
+        chosen, weights = routed(plain["lm.1.moe_router@all"][b])
+        mine = (chosen == 2).any(-1)
+        before, after = plain["lm.1.mlp@all"][b], edited["lm.1.mlp@all"][b]
+        assert torch.equal(after[~mine], before[~mine])
+        torch.testing.assert_close(after[mine] - before[mine], (weights * (chosen == 2)).sum(-1)[mine, None]
+                                   * (experts.down_proj[2] @ vector))
+        assert not torch.allclose(edited["lm.3.out@all"][b], plain["lm.3.out@all"][b])
+
+
+def test_qwen3_expert_taps_leave_the_model_bit_for_bit_read_or_not(omni3):
+    """Unread, the tapped model is the checkpoint's own model; reading every expert site changes no other value."""
+    from transformers import Qwen3OmniMoeThinkerForConditionalGeneration
+
+    plugin, items = omni3.plugin, clips()
+    prepared = omni3.prepare(items)
+    untapped = Qwen3OmniMoeThinkerForConditionalGeneration.from_pretrained(Qwen3Omni.source("tiny")).eval()
+    with torch.no_grad():
+        assert torch.equal(plugin.model(**prepared.inputs).logits, untapped(**prepared.inputs).logits)
+    n = plugin.model.config.text_config.num_experts
+    everything = [f"lm.*.expert{e}_{part}" for e in range(n) for part in PARTS]
+    plain = omni3.run(items, ["lm.*.out"], ["all"])
+    read = omni3.run(items, ["lm.*.out", *everything], ["all"])
+    for key, rows in plain.items():
+        assert all(torch.equal(a, b) for a, b in zip(rows, read[key])), key
+
+
+def test_qwen3_expert_sites_at_decode_steps_equal_the_forward_pass_on_the_forced_prefix(omni3):
+    """Armed taps run at every decode step (one new token each), routed to the expert or not."""
+    items, sites = clips(), ["lm.1.expert0_act", "lm.2.expert3_out"]
+    gen = omni3.generate(items, 3, sites, ["step:1", "step:2", "step:3"])
+    prepared = omni3.prepare(items)
+    hits = set()
+    for t in (1, 2, 3):
+        forced = omni3.plugin.teacher_forced(prepared, gen.prepared, gen.sequences[:, -3:][:, :t - 1])
+        values = omni3.trace(forced, [it.id for it in items], omni3.reads(sites, ["last"]))
+        for site in sites:
+            torch.testing.assert_close(gen.reads[f"{site}@step:{t}"], values[f"{site}@last"])
+            hits.update(gen.reads[f"{site}@step:{t}"].any(-1).tolist())
+    assert hits == {True, False}  # some steps route to the expert, some do not
+
+
+def test_probe_info_lists_every_experts_sites_with_their_widths(capsys):
+    assert main(["info", "--model", "qwen3-omni", "--checkpoint", "tiny"]) == 0
+    out = capsys.readouterr().out
+    for part, width in zip(PARTS, (32, 32, 32, 64)):
+        assert re.search(rf"lm\.<0\.\.3>\.expert<0\.\.3>_{part} +{width} +MoE expert i's", out), part
+    assert main(["info", "--model", "qwen3-omni", "--checkpoint", "tiny", "--json"]) == 0
+    lm = json.loads(capsys.readouterr().out)["stacks"]["lm"]["components"]
+    assert {c: w for c, w in lm.items() if c.startswith("expert3_")} == {"expert3_gate": 32, "expert3_up": 32,
+                                                                          "expert3_act": 32, "expert3_out": 64}
 
 
 @pytest.mark.parametrize("name", list(PLUGINS))
