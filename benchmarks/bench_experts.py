@@ -32,7 +32,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-
 from lalm_probe.core.audio_lm import AudioLM
 from lalm_probe.core.data import Stimulus
 from lalm_probe.core.engine import Session

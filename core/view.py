@@ -42,6 +42,11 @@ class ModelView:
         return self._plugin.resolved
 
     @property
+    def device(self) -> str:
+        """Where the model's weights are (``cpu``, ``cuda:0``): analyses may put heavy math there."""
+        return str(getattr(self._plugin, "device", "cpu"))
+
+    @property
     def tokenizer(self) -> Any:
         return self._plugin.tokenizer
 

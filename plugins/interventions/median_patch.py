@@ -55,6 +55,10 @@ class MedianPatch(Intervention):
             raise UserError("median-patch: control must be 'none' or 'random'.")
         if self.modality not in ("speech", "text", "joint"):
             raise UserError("median-patch: modality must be speech, text or joint.")
+        kind, _, step = self.position.partition(":")
+        if self.position != "last" and not (kind in ("step", "prefix") and step.isdigit() and int(step) >= 1):
+            raise UserError(f"median-patch: position must be last, step:<t> or prefix:<t> (t from 1), not "
+                            f"'{self.position}'.")
         if self.units is None and not self.value:
             raise UserError(f"median-patch needs value=<the target {self.label}>, e.g. value=de.")
 
@@ -107,11 +111,10 @@ class MedianPatch(Intervention):
     def calibrate(self, model: ModelView, calibration: Calibration, store: ActivationStore,
                   analysis: Analysis) -> None:
         tables = self._ranker.tables(model, calibration.items, store)
-        position = self._ranker.positions(model, next(iter(self._ranker.sites(model))))
-        key = (self.value, self.modality, self.position if ":" in self.position else "last")
+        key = (self.value, self.modality, self.position)
         if key not in tables:
             raise UserError(f"median-patch: the probing split has no {self.modality} items with "
-                            f"{self.label}={self.value} and others to rank against ({position}).")
+                            f"{self.label}={self.value} and others to rank against at {self.position}.")
         self._choose(model, tables[key])
 
     def _choose(self, model: ModelView, table: ExpertiseTable) -> None:

@@ -9,12 +9,11 @@ import copy
 
 import pytest
 import torch
-from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import Qwen3OmniMoeTextConfig
-from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeThinkerTextSparseMoeBlock
-
 from lalm_probe.core.errors import PluginError, UserError
 from lalm_probe.core.experts import PARTS, expert_components, tap_experts
 from lalm_probe.core.taps import TAP, arming
+from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import Qwen3OmniMoeTextConfig
+from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeThinkerTextSparseMoeBlock
 
 IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
 E, H, I, K = 6, 16, 8, 2  # experts, hidden, intermediate, experts per token

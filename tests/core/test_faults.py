@@ -1,7 +1,8 @@
 """The bad-input and fault matrix: every case is one line on stderr, the exit status it should have, no traceback,
 and nothing passed off as complete. A case is ``(argv, exit status, message, what must not exist afterwards)``;
 ``DATA`` is a labelled manifest of tones, ``OUT`` the run folder, ``AUDIO`` a manifest whose one item is
-``{tmp}/x.wav`` as the case's ``audio`` bytes write it."""
+``{tmp}/x.wav`` as the case's ``audio`` bytes write it; ``=TABLES``, ``=OTHER`` and ``=CSV`` inside an option are a
+folder of expertise tables, a run folder of another model and an expertise table of another site set."""
 
 from __future__ import annotations
 

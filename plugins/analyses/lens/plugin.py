@@ -53,6 +53,8 @@ class LogitLens(Analysis):
     attribute: str | None = None  # gender|language|emotion|animal: use the AudioLens prompts and label set
     prompt_format: str = "direct"  # direct (P1), qa (P2) or mc (P3)
     words: dict | None = None  # label value -> word whose first token is scored (default: the value itself)
+    choices: str = "data"  # the label set: the values in the data, or every value the model spells ("model": all
+    # 99 of Whisper's languages, its own language-ID rule)
     token: str = "plain"  # plain: first token of the bare word (AudioLens code); space: of " word"
     alpha: float = 0.2
     heatmap_items: int = 1  # layer x position heat maps for the first N items
@@ -66,6 +68,8 @@ class LogitLens(Analysis):
             self.label = self.attribute
         if self.token not in ("plain", "space"):
             raise UserError("logitlens: token must be 'plain' or 'space'.")
+        if self.choices not in ("data", "model") or (self.choices == "model" and self.attribute):
+            raise UserError("logitlens: choices must be 'data' or 'model' (the latter with label=, not attribute=).")
 
     # ---- set-up ------------------------------------------------------------------------------------
     def _stack(self, model: ModelView) -> str:
@@ -99,6 +103,12 @@ class LogitLens(Analysis):
                 raise UserError(f"Labels {unknown} are not in the AudioLens '{self.attribute}' set {canonical}; "
                                 "map them with words={...}.")
             ys = canonical
+        elif self.choices == "model" and model_words is not None:
+            unknown = [v for v in present if v not in model_words]
+            if unknown:
+                raise UserError(f"logitlens: the model spells no '{self.label}' value {unknown[0]}; choices=model "
+                                f"scores among {len(model_words)} values ({', '.join(list(model_words)[:8])}, ...).")
+            ys = sorted(model_words)
         else:
             ys = present
         lookup = {**(model_words or {}), **(self.words or {})}
@@ -147,7 +157,11 @@ class LogitLens(Analysis):
 
     def label_spec(self, model: ModelView, dataset: Dataset) -> tuple[list[Any], list[int], np.ndarray]:
         """Label values, their token ids and each item's target index."""
-        ys, words = self.label_set(dataset, None if self.attribute else model.label_words(self.label))
+        spelled = None if self.attribute else model.label_words(self.label)
+        if self.choices == "model" and spelled is None:
+            raise UserError(f"logitlens: '{model.name}' has no own spelling of '{self.label}' values, so "
+                            "choices=model has no label set; use choices=data.")
+        ys, words = self.label_set(dataset, spelled)
         return ys, label_token_ids(model.tokenizer, words, self.token == "space"), self._targets(dataset, ys)
 
     def lens_tables(self, model: ModelView, dataset: Dataset, store: Any) -> dict[str, Any]:

@@ -82,6 +82,7 @@ class Neurons(Analysis):
     ks: list[int] | None = None  # the k of the sensitivity curve (default: k/10, k/4, k/2, k, 2k)
     force_target: str | None = None  # a label whose text is forced as the decoded prefix (default: greedy)
     chunk: int | None = None  # units per AP chunk (memory is bounded by it)
+    device: str = "auto"  # where AP sorts: auto (the model's GPU if it has one, else NumPy on the CPU), cpu, cuda
 
     def __post_init__(self) -> None:
         if self.pooling not in ("step", "prefix"):
@@ -148,6 +149,8 @@ class Neurons(Analysis):
         for it in dataset if self.modality == "each" else ():
             groups.setdefault(modality_of(it), []).append(it)
         sites = self.sites(model)
+        device = None if self.device == "cpu" or (self.device == "auto" and "cuda" not in model.device) else (
+            model.device if self.device == "auto" else self.device)
         decoder = [s for s in sites if model.resolved[s].spec.runs == "per_step"]
         positions = self.positions(model, decoder[0]) if decoder else ["mean"]
         out = {}
@@ -168,7 +171,8 @@ class Neurons(Analysis):
                     if not y.any() or y.all():
                         continue
                     out[(value, modality, pos)] = expertise_table(
-                        {site: unit_expertise(array, y, chunk=self.chunk) for site, array in arrays.items()})
+                        {site: unit_expertise(array, y, chunk=self.chunk, device=device) for site, array in
+                         arrays.items()})
         return out
 
     @staticmethod
@@ -213,9 +217,13 @@ class Neurons(Analysis):
     def _placement(self, result: Result, run: str, tables: dict, model: ModelView) -> None:
         """Where the top-k units sit, over layers and components, per stack (seed 002 Fig. 2-3)."""
         by = {}
+        first = next(iter(tables))[2]
         for (value, modality, pos), table in tables.items():
             for stack, rows in select(table, self.k, "top").items():
-                key = (modality, pos, stack)
+                once = model.resolved[stack].spec.runs != "per_step"
+                if once and pos != first:
+                    continue  # an encoder's units are the same at every step: one plot
+                key = (modality, "mean" if once else pos, stack)
                 counts = by.setdefault(key, {})
                 for layer, comp in zip(table.layer[rows].tolist(), table.component[rows].tolist()):
                     counts[(layer, comp)] = counts.get((layer, comp), 0) + 1
