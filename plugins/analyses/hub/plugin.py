@@ -13,7 +13,8 @@ averages n(n−1) cosines, so its sampling error is small next to the per-pair s
 languages where w never occurs; tokens seen in no language get 1/|languages|. For a hidden state,
 ``p(z|h) = Σ_w p_lens(w|h) p(z|w)`` with ``p_lens`` the lens softmax truncated to the tokenizer's base vocabulary
 (``tokenizer.vocab_size``, no added special tokens) and renormalised. Tokens are counted without special tokens.
-The lens skips the final norm by default (``norm=false``), as the reference code does for layers < L.
+The lens skips the final norm by default (``norm=false``), as the reference code does for layers < L; the
+last layer is the normed state for both parts (HF's ``hidden_states[-1]``, which the reference reads).
 The paper averages over every token position of long texts; here each item contributes its ``position`` state
 (``auto``: the last position on an LM / decoder, the mean over the valid positions on an encoder). With the small
 built-in corpus the token table is noisy; pass ``corpus=<file>`` with more text (lines ``language<TAB>text`` or
@@ -118,6 +119,10 @@ class Hub(Analysis):
         position = reps.resolve_position(model, stack, self.position)
         lens = self._lens_on(model, stack)
         result = Result(summary={"stack": stack, "position": position, "language lens": lens})
+        if model.resolved[stack].final_norm is not None:
+            result.notes.append(f"The last layer ({layers[-1]}) is read after '{stack}''s final norm, for the cosine "
+                                "and for the lens alike, as HF's hidden_states[-1] (what the semantic-hub code "
+                                "reads) is; the other layers are block outputs.")
         if lens:
             result.summary["lens final norm"] = self.norm
         elif self.language_lens is None:
@@ -140,8 +145,10 @@ class Hub(Analysis):
             mass = np.zeros((len(layers), len(items))) if table else None
             for li, layer in enumerate(layers):  # one layer in memory at a time
                 x = reps.load_layer(store, f"{stack}.{layer}.out", position, ids)
+                # the reference reads HF hidden_states, whose last entry is after the final norm
+                xs = model.final_norm(x, stack) if pairs and layer == layers[-1] else x
                 for name, ra, rb in pairs:
-                    per_pair, off = baseline_adjusted_cosine(x[ra], x[rb])
+                    per_pair, off = baseline_adjusted_cosine(xs[ra], xs[rb])
                     m, lo, hi = mean_ci(per_pair, method=self.ci, seed=self.seed)
                     scores[name][li] = m, lo, hi, m + off, off
                 if table is not None:

@@ -208,3 +208,31 @@ def test_options_and_errors(tmp_path):
         Hub(similarity=False, corpus="dataset").analyze(session, lonely, Stores(baseline=s2))
     with pytest.raises(UserError):
         Hub(pairs="some")
+
+
+def test_the_last_layer_is_compared_after_the_final_norm(tmp_path):
+    """The reference reads HF hidden_states, whose last entry is normed: a final norm that removes what the block
+    output carries beside the shared meaning (here a loud item-specific unit) must be applied before the cosine."""
+    dataset, store, view = _planted(tmp_path)
+    ids = [it.id for it in dataset]
+    last = f"lm.{N_LAYERS - 1}.out@last"
+    raw = store.array(last, ids)[:]
+    rng = np.random.default_rng(1)
+    loud = raw.copy()
+    loud[:, :20] = 0.0
+    loud[np.arange(len(ids)) % 4 < 2, 0] = 1.0  # en items: sentence-independent
+    loud[np.arange(len(ids)), 5 + np.arange(len(ids)) // 4] = 1.0  # ... the meaning, shared by a sentence's versions
+    loud[:, 20:] = 50 * rng.normal(size=(len(ids), D - 20))  # loud units that differ per item
+    s2 = ActivationStore(tmp_path / "s2", {})
+    s2.add(ids, {**{f"lm.{i}.out@last": store.array(f"lm.{i}.out@last", ids)[:] for i in range(N_LAYERS - 1)},
+                 last: loud})
+    s2.mark_complete()
+    weight = np.ones(D)
+    weight[20:] = 0.0
+    view.final_norm = lambda h, stack: np.asarray(h, dtype=np.float64) * weight  # RMSNorm-like: a weight per unit
+    result = Hub(language_lens=False, compare=["modality"]).analyze(view, dataset, Stores(baseline=s2))
+    sim = result.arrays["baseline/similarity/en: speech vs text"]
+    assert sim[-1, 0] == pytest.approx(0.5)  # normed: matched cosine 1, non-matched 0.5 (en shares unit 0)
+    view.final_norm = lambda h, stack: np.asarray(h, dtype=np.float64)
+    raw_sim = Hub(language_lens=False, compare=["modality"]).analyze(view, dataset, Stores(baseline=s2))
+    assert raw_sim.arrays["baseline/similarity/en: speech vs text"][-1, 0] < 0.3  # the loud units dominate
