@@ -1,7 +1,12 @@
 """SVCCA between parallel representations (Lee et al., NAACL 2025 = seed 001; Raghu et al. 2017).
 
-Two sets of vectors for the *same* items (paired by ``semantic_id``) are compared layer by layer: speech vs
-text of one language (cross-modal) and language A vs language B within a modality (cross-lingual).
+Two sets of vectors for the *same* items (paired by ``semantic_id``) are compared point by point: speech vs
+text of one language (cross-modal, ``compare=modality``), language A vs language B within a modality
+(cross-lingual, ``language``), and text of A vs speech of B (``modality+language``, the paper's Fig. 5). The
+points are the layers of each side's stack, optionally preceded by an input point (``inputs=[speech site,
+text site]``: the paper's "in", e.g. ``speech_encoder.features`` and ``text_encoder.embed``) and followed by an
+output point (``outputs=[...]``: "len" after SeamlessM4T's length adaptor, ``speech_adaptor.output``; "pool" in
+SONAR, ``speech_encoder.pooled``; ``last`` for a side's last layer, ``none`` for no point on that side).
 
 Algorithm (google/svcca ``cca_core`` + its SVCCA tutorial, re-implemented):
 
@@ -15,10 +20,18 @@ Algorithm (google/svcca ``cca_core`` + its SVCCA tutorial, re-implemented):
 3. Similarity = the PLAIN mean of all min(kx, ky) canonical correlations, as the tutorial and the paper report
    it — not ``cca_core``'s ``"mean"``, which averages only the coefficients up to a 0.98 cumulative threshold.
 
-Random baseline: the same pipeline on non-parallel pairs — the pairing of one side is shuffled — averaged over
-``baseline_permutations`` permutations. Shuffling rows does not change either side's SVD or covariance, only
-Σxy, so the baseline reuses the whitened data and costs one small SVD per permutation. With few items CCA
-overfits (n ≈ k gives correlations near 1 for anything), so the baseline belongs next to every score.
+Baselines (``baseline=random|shuffled|both|none``): ``random`` (default) is the paper's, SVCCA between random
+vectors of the same sizes (items x units of each side), averaged over ``random_draws`` draws; it depends only on
+the sizes. ``shuffled`` is the same pipeline on non-parallel pairs of the real vectors (one side's pairing
+shuffled, ``baseline_permutations`` times): it also removes what any pairing of these vectors shares. With few
+items CCA overfits (n ≈ k gives correlations near 1 for anything), so a baseline belongs next to every score.
+
+Paper options: ``equal_n`` cuts every comparison of a kind to the smallest one's number of sentences, keeping the
+first in dataset order (the paper cuts to 251 cross-modal and 194 cross-lingual sentences); ``levels`` (a JSON
+object or a file of ``language<TAB>level`` lines) averages the cross-modal curves per resource level (Fig. 2);
+``token_overlap`` correlates the share of token types parallel texts of two languages have in common (Jaccard,
+the model's tokenizer, averaged over sentences) with their cross-lingual text SVCCA at the first point (the input
+embeddings where ``inputs`` is given), over language pairs (§3.2: Pearson r and p).
 
 A model that takes speech only (Whisper) has no text encoder, so there is no text side: ``compare=[modality]``
 alone is refused before any collection, and beside ``language`` the cross-modal part is skipped with a note.
@@ -26,35 +39,37 @@ alone is refused before any collection, and beside ``language`` the cross-modal 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 from lalm_probe.core.data import Dataset
 from lalm_probe.core.errors import UserError
+from lalm_probe.core.languages import label_code
 from lalm_probe.core.plugin import Analysis, Requirements, Stores
 from lalm_probe.core.registry import hookimpl
 from lalm_probe.core.results import Result, Table
 from lalm_probe.core.threads import capped
 from lalm_probe.core.view import ModelView
 from lalm_probe.plugins.analyses import reps
-from lalm_probe.plugins.analyses.svcca.measure import (
-    EPSILON,
-    SVCCA,
-    svcca_reduced,
-    svd_reduce,
-    whiten,
-)
+from lalm_probe.plugins.analyses.svcca.measure import EPSILON
 from lalm_probe.plugins.analyses.svcca.plots import curve_plot, heatmaps
+from lalm_probe.plugins.analyses.svcca.reader import Point, Reader, Score
+from scipy import stats
+
+BASELINES = {"random": ("random",), "shuffled": ("shuffled",), "both": ("random", "shuffled"), "none": ()}
+COMPARE = ("modality", "language", "modality+language")
+NAMES = {"random": "random_baseline", "shuffled": "shuffled_baseline"}
 
 
-# ---- the plugin ------------------------------------------------------------------------------------------
 @dataclass
 class SVCCAAnalysis(Analysis):
-    """SVCCA per layer: speech vs text per language, and language x language per modality, with baselines."""
+    """SVCCA per point: speech vs text per language, language x language per modality, with baselines."""
 
     name: ClassVar[str] = "svcca"
-    description: ClassVar[str] = "SVCCA across modalities and languages per layer, with a shuffled-pairs baseline"
+    description: ClassVar[str] = "SVCCA across modalities and languages per layer, against random-vector baselines"
 
     stack: str | None = None  # one stack for both sides (default: the lens stack, else the first)
     stacks: list[str] | None = None  # [speech_stack, text_stack] for encoder-decoder models
@@ -62,12 +77,20 @@ class SVCCAAnalysis(Analysis):
     position: str = "mean"  # seed 001 mean-pools over the sequence; "last" also works
     variance: float = 0.9  # share of s² kept by the SVD step
     epsilon: float = EPSILON
-    baseline_permutations: int = 5
+    baseline: str = "random"  # random (the paper's: random vectors of the same sizes), shuffled, both or none
+    random_draws: int = 5
+    baseline_permutations: int = 5  # shuffles for the shuffled-pairs baseline
     seed: int = 0
     compare: list[str] = field(default_factory=lambda: ["modality", "language"])
     languages: list[str] | None = None  # restrict to these languages
     min_items: int = 5  # fewer paired items than this: the comparison is skipped with a note
     heatmap_layers: list[int] | None = None  # default first / middle / last
+    inputs: list[str] | None = None  # [speech, text] sites of a point before the first layer ("in")
+    outputs: list[str] | None = None  # [speech, text] sites of a point after the last layer ("len", "pool")
+    levels: dict | str | None = None  # language -> resource level (JSON object or file), for averages per level
+    equal_n: bool = False  # cut every comparison of a kind to the smallest one's number of sentences
+    token_overlap: bool = False  # Pearson r of shared-token share vs cross-lingual text SVCCA at the first point
+    gap_point: str | None = None  # the point of the language-vs-modality table (default: the last)
 
     def __post_init__(self) -> None:
         if not 0 < self.variance <= 1:
@@ -75,12 +98,19 @@ class SVCCAAnalysis(Analysis):
         if self.stacks is not None and len(self.stacks) != 2:
             raise UserError("svcca: stacks takes two names, the speech side then the text side, "
                             "e.g. stacks=[speech_encoder,text_encoder].")
-        bad = set(self.compare) - {"modality", "language"}
+        for what in ("inputs", "outputs"):
+            if getattr(self, what) is not None and len(getattr(self, what)) != 2:
+                raise UserError(f"svcca: {what} takes two sites, the speech side's then the text side's (none for "
+                                f"no point on a side), e.g. {what}=[speech_encoder.features,text_encoder.embed].")
+        bad = set(self.compare) - set(COMPARE)
         if bad or not self.compare:
-            raise UserError(f"svcca: compare takes 'modality' and/or 'language', got {self.compare}.")
-        if self.baseline_permutations < 0 or self.min_items < 3:
-            raise UserError("svcca: baseline_permutations must be >= 0 and min_items >= 3.")
+            raise UserError(f"svcca: compare takes {', '.join(COMPARE)}; got {self.compare}.")
+        if self.baseline not in BASELINES:
+            raise UserError(f"svcca: baseline must be one of {', '.join(BASELINES)}, got '{self.baseline}'.")
+        if self.baseline_permutations < 1 or self.random_draws < 1 or self.min_items < 3:
+            raise UserError("svcca: baseline_permutations and random_draws must be >= 1 and min_items >= 3.")
 
+    # ---- set-up -----------------------------------------------------------------------------------------
     def _stacks(self, model: ModelView) -> dict[str, str]:
         if self.stacks:
             return {"speech": reps.resolve_stack(model, self.stacks[0]),
@@ -88,34 +118,88 @@ class SVCCAAnalysis(Analysis):
         one = reps.resolve_stack(model, self.stack)
         return {"speech": one, "text": one}
 
+    def _extra(self, model: ModelView, spec: str, stack: str) -> str:
+        """``stack.extra`` (or an extra of the side's own stack) as a site, checked against the model."""
+        name, dot, extra = spec.rpartition(".")
+        where = name if dot else stack
+        if where not in model.resolved or extra not in model.resolved[where].extras:
+            have = [f"{s}.{e}" for s, st in model.resolved.items() for e in st.extras]
+            raise UserError(f"svcca: '{spec}' is not a stack-level site of '{model.name}'; it has: "
+                            f"{', '.join(have) or 'none'} (or 'last', or 'none').")
+        return f"{where}.{extra}"
+
+    def points(self, model: ModelView) -> dict[str, list[tuple[Point, str]]]:
+        """Per side, its points in order: ``in``, the layers of its stack, ``out``, each with its site."""
+        out = {}
+        for n, (mod, stack) in enumerate(self._stacks(model).items()):
+            layers = reps.layer_sites(model, stack, self.site)
+            if isinstance(layers[0][0], str):
+                raise UserError(f"svcca compares layers; '{self.site}' is a stack-level extra of '{stack}' (give it "
+                                "as inputs=[...] or outputs=[...]).")
+            pts: list[tuple[Point, str]] = []
+            if self.inputs and self.inputs[n] not in ("none", "-"):
+                pts.append(("in", self._extra(model, self.inputs[n], stack)))
+            pts += layers
+            if self.outputs and self.outputs[n] not in ("none", "-"):
+                pts.append(("out", layers[-1][1] if self.outputs[n] == "last" else
+                            self._extra(model, self.outputs[n], stack)))
+            out[mod] = pts
+        return out
+
     def requirements(self, model: ModelView, dataset: Dataset) -> Requirements:
-        stacks = self._stacks(model)
-        for name in stacks.values():
-            if reps.site_pattern(model, name, self.site) != f"{name}.*.{self.site}":
-                raise UserError(f"svcca compares layers; '{self.site}' is a stack-level extra of '{name}'.")
-            reps.layer_sites(model, name, self.site)
+        points = self.points(model)
         if self.compare == ["modality"]:
             problem = reps.text_side_missing(model, dataset)
             if problem:
                 raise UserError(f"svcca: cross-modal SVCCA compares the speech and the text of the same sentences, "
                                 f"but {problem}. Use compare=[language] for cross-lingual SVCCA (speech vs "
                                 "speech, per layer).")
-        sites = list(dict.fromkeys(f"{s}.*.{self.site}" for s in stacks.values()))
-        return Requirements(sites=sites, positions=[self.position], labels=["semantic_id", "language"])
+        sites = []
+        for stack in self._stacks(model).values():
+            sites.append(f"{stack}.*.{self.site}")
+        sites += [site for pts in points.values() for p, site in pts if not isinstance(p, int)]
+        self._level_table()  # a bad levels file is refused before any collection
+        return Requirements(sites=list(dict.fromkeys(sites)), positions=[self.position],
+                            labels=["semantic_id", "language"])
 
+    def _level_table(self) -> dict[str, str]:
+        """The user's language -> resource level table (keys as language labels)."""
+        if self.levels is None:
+            return {}
+        table = self.levels
+        if isinstance(table, str):
+            path = Path(table)
+            if not path.is_file():
+                raise UserError(f"svcca: levels file not found: {path} (give a JSON object or a file of "
+                                "language<TAB>level lines).")
+            text = path.read_text(encoding="utf-8")
+            if text.lstrip().startswith("{"):
+                table = json.loads(text)
+            else:
+                table = {}
+                for n, line in enumerate(text.splitlines(), 1):
+                    if line.strip() and not line.startswith("#"):
+                        parts = line.replace(",", "\t").split("\t")
+                        if len(parts) < 2:
+                            raise UserError(f"{path}, line {n}: expected 'language<TAB>level'.")
+                        table[parts[0].strip()] = parts[1].strip()
+        return {label_code(str(k)): str(v) for k, v in table.items()}
+
+    # ---- analysis ---------------------------------------------------------------------------------------
     @capped
     def analyze(self, model: ModelView, dataset: Dataset, stores: Stores) -> Result:
-        stacks = self._stacks(model)
-        depth = {m: model.resolved[s].num_layers for m, s in stacks.items()}
+        stacks, points = self._stacks(model), self.points(model)
+        baselines = BASELINES[self.baseline]
         result = Result(summary={"stacks": dict(stacks), "position": self.position, "variance (s²)": self.variance,
-                                 "baseline permutations": self.baseline_permutations})
-        text_problem = reps.text_side_missing(model, dataset) if "modality" in self.compare else None
+                                 "baselines": [NAMES[b] for b in baselines]})
+        text_problem = reps.text_side_missing(model, dataset) if {"modality", "modality+language"} & set(
+            self.compare) else None
         if text_problem:
             result.notes.append(f"Cross-modal SVCCA (speech vs text) skipped: {text_problem}."
                                 + (" Only cross-lingual (speech vs speech) SVCCA is computed."
                                    if "language" in self.compare else ""))
         for run, store in stores.activations():
-            items = self._reaching(dataset, store, stacks, result.notes if run == "baseline" else None)
+            items = self._reaching(dataset, store, points, result.notes if run == "baseline" else None)
             index, dropped = reps.parallel_index(items)
             if self.languages:
                 index = {k: v for k, v in index.items() if k[0] in set(self.languages)}
@@ -124,16 +208,22 @@ class SVCCAAnalysis(Analysis):
             if dropped and run == "baseline":
                 result.notes.append(f"{dropped} repeated items (same sentence, language and modality, e.g. other "
                                     "voices) were left out; the first of each stands for the sentence.")
-            reader = _Reader(store, [it.id for it in items], stacks, self.site, self.position, self.variance,
-                             self.epsilon)
+            order = {str(it.labels["semantic_id"]): n for n, it in reversed(list(enumerate(items)))
+                     if "semantic_id" in it.labels}
+            reader = Reader(store, [it.id for it in items], {m: dict(p) for m, p in points.items()}, self.position,
+                            self.variance, self.epsilon, set(baselines), self.random_draws,
+                            self.baseline_permutations, self.seed)
+            job = _Job(self, result, run, index, order, reader, points, baselines, items, model)
             found = 0
             if "modality" in self.compare and not text_problem:
-                found += self._cross_modal(result, run, index, reader, depth)
+                found += job.cross_modal()
             if "language" in self.compare:
-                found += self._cross_lingual(result, run, index, reader, depth)
+                found += job.cross_lingual()
+            if "modality+language" in self.compare and not text_problem:
+                found += job.mixed()
             if run == "baseline" and reader.ks:
                 result.summary["SVD step: k kept (min, max)"] = [min(reader.ks), max(reader.ks)]
-                fewest = min(len(ids) for ids in reader.compared)
+                fewest = min(reader.compared)
                 if max(reader.ks) >= fewest / 2:
                     result.notes.append(f"Few items for CCA: up to {max(reader.ks)} SVD directions kept for as few "
                                         f"as {fewest} paired items, so canonical correlations are high for any "
@@ -143,12 +233,14 @@ class SVCCAAnalysis(Analysis):
                                 f"{self.min_items} semantic ids (speech and text of one language, or two "
                                 "languages of one modality); check the semantic_id labels or lower min_items.")
         result.notes.append("SVCCA = plain mean of all canonical correlations (not cca_core's 0.98-threshold "
-                            "'mean'); baseline = same pipeline with one side's pairing shuffled.")
+                            "'mean'). random_baseline: SVCCA of random vectors of the same sizes (the paper's); "
+                            "shuffled_baseline: the same vectors with one side's pairing shuffled.")
         return result
 
-    def _reaching(self, dataset: Dataset, store: Any, stacks: dict[str, str], notes: list[str] | None) -> list:
-        """Stored speech and text items whose rows hold their side's stack (text never reaches a speech encoder)."""
-        reach = {m: store.ids_with([f"{s}.0.{self.site}@{self.position}"]) for m, s in stacks.items()}
+    def _reaching(self, dataset: Dataset, store: Any, points: dict[str, list], notes: list[str] | None) -> list:
+        """Stored speech and text items whose rows hold every point of their side (text never reaches a speech
+        encoder)."""
+        reach = {m: store.ids_with([f"{site}@{self.position}" for _, site in pts]) for m, pts in points.items()}
         items, left = [], {}
         for it in reps.stored_items(dataset, store):
             mod = reps.modality_of(it)
@@ -157,162 +249,282 @@ class SVCCAAnalysis(Analysis):
             elif mod in reach:
                 left[mod] = left.get(mod, 0) + 1
         if notes is not None:
-            notes += [f"{n} {m} items never reach '{stacks[m]}' and are left out of the {m} side."
-                      for m, n in sorted(left.items())]
+            notes += [f"{n} {m} items never reach every point of '{self._stacks_note(points, m)}' and are left out "
+                      f"of the {m} side." for m, n in sorted(left.items())]
         return items
 
+    @staticmethod
+    def _stacks_note(points: dict[str, list], modality: str) -> str:
+        return ", ".join(dict.fromkeys(site.split(".")[0] for _, site in points[modality]))
+
+
+class _Job:
+    """The comparisons of one run (one store): tables, arrays and figures go into ``result``."""
+
+    def __init__(self, spec: SVCCAAnalysis, result: Result, run: str, index: dict, order: dict[str, int],
+                 reader: Reader, points: dict[str, list], baselines: tuple[str, ...], items: list,
+                 model: ModelView) -> None:
+        self.spec, self.result, self.run, self.index, self.order = spec, result, run, index, order
+        self.reader, self.points, self.baselines, self.items, self.model = reader, points, baselines, items, model
+
+    # ---- helpers ----------------------------------------------------------------------------------------
+    def note(self, text: str) -> None:
+        if self.run == "baseline":
+            self.result.notes.append(text)
+
+    def groups(self, pairs: dict[Any, tuple[tuple, tuple]], what: str) -> dict[Any, tuple[list[str], list[str]]]:
+        """Matched item ids per comparison with at least ``min_items`` sentences; cut to equal n on request."""
+        out, sids = {}, {}
+        for key, (a, b) in pairs.items():
+            common, a_ids, b_ids = reps.matched_ids(self.index, a, b)
+            if len(common) < self.spec.min_items:
+                self.note(f"{what} {_name(key)}: only {len(common)} paired items; skipped.")
+                continue
+            ranked = sorted(zip(common, a_ids, b_ids), key=lambda t: self.order.get(t[0], 0))
+            sids[key] = ranked
+        n = min((len(v) for v in sids.values()), default=0)
+        for key, ranked in sids.items():
+            kept = ranked[:n] if self.spec.equal_n else ranked
+            out[key] = ([a for _, a, _ in kept], [b for _, _, b in kept])
+        if self.spec.equal_n and sids:
+            self.note(f"equal_n: every {what} comparison is cut to its first {n} sentences in dataset order.")
+        return out
+
+    def score_row(self, s: Score) -> dict[str, float]:
+        return {"svcca": s.similarity, **{NAMES[b]: getattr(s, b) for b in self.baselines}}
+
+    def curve(self, scores: list[Score]) -> np.ndarray:
+        """(points, [svcca, random_baseline, shuffled_baseline]); NaN where a baseline was not asked for."""
+        return np.array([[s.similarity, s.random, s.shuffled] for s in scores]).reshape(len(scores), 3)
+
+    def primary(self, arr: np.ndarray) -> np.ndarray:
+        """The baseline the summary subtracts: the paper's random vectors where computed, else shuffled pairs."""
+        col = 1 if "random" in self.baselines else 2 if "shuffled" in self.baselines else None
+        return np.zeros(len(arr)) if col is None else np.nan_to_num(arr[:, col])
+
+    def best(self, what: str, labels: list, arr: np.ndarray) -> None:
+        gain = arr[:, 0] - self.primary(arr)
+        if self.run != "baseline" or not np.isfinite(gain).any():
+            return
+        i = int(np.nanargmax(gain))
+        self.result.summary[f"{what}: best layer (svcca - baseline)"] = labels[i]
+        self.result.summary[f"{what}: svcca / baseline there"] = [arr[i, 0], float(self.primary(arr)[i])]
+        if gain[i] <= 0:
+            self.result.notes.append(f"{what}: SVCCA is at or below the baseline at every point (best difference "
+                                     f"{gain[i]:+.3f}), so the same sentences are no more aligned than vectors "
+                                     "without any relation; its 'best layer' is only the least bad one.")
+
+    def modal_pairs(self) -> list[tuple[Point, Point]]:
+        """Speech points paired with text points: in with in, layers by relative depth, out with out."""
+        sp, tx = dict(self.points["speech"]), dict(self.points["text"])
+        s_layers = [p for p in sp if isinstance(p, int)]
+        t_layers = [p for p in tx if isinstance(p, int)]
+        pairs = [("in", "in")] if "in" in sp and "in" in tx else []
+        pairs += reps.pair_layers(len(s_layers), len(t_layers))
+        return pairs + ([("out", "out")] if "out" in sp and "out" in tx else [])
+
     # ---- comparisons ------------------------------------------------------------------------------------
-    def _cross_modal(self, result: Result, run: str, index: dict, reader: "_Reader", depth: dict) -> int:
-        layer_pairs = reps.pair_layers(depth["speech"], depth["text"])
-        groups = {}
-        for lang in sorted({lang for lang, m in index if m == "speech" and (lang, "text") in index}):
-            sids, a_ids, b_ids = reps.matched_ids(index, (lang, "speech"), (lang, "text"))
-            if len(sids) < self.min_items:
-                result.notes.append(f"cross-modal {lang}: only {len(sids)} paired items; skipped.")
-            else:
-                groups[lang] = (a_ids, b_ids)
+    def cross_modal(self) -> int:
+        langs = sorted({lang for lang, m in self.index if m == "speech" and (lang, "text") in self.index})
+        groups = self.groups({lang: ((lang, "speech"), (lang, "text")) for lang in langs}, "cross-modal")
         if not groups:
             return 0
-        curves = {lang: np.zeros((len(layer_pairs), 2)) for lang in groups}
+        pairs = self.modal_pairs()
+        scores: dict[str, list[Score]] = {lang: [] for lang in groups}
         rows = []
-        for n, (la, lb) in enumerate(layer_pairs):  # layer outer: each layer is read once
-            reader.clear()
+        for la, lb in pairs:  # point outer: each point is read once
+            self.reader.clear()
             for lang, (a_ids, b_ids) in groups.items():
-                r = reader.compare(("speech", la, a_ids), ("text", lb, b_ids), self.baseline_permutations,
-                                   self.seed)
-                curves[lang][n] = r.similarity, r.baseline
-                rows.append({"run": run, "language": lang, "layer": la, "text_layer": lb, "items": len(a_ids),
-                             "k_speech": r.kx, "k_text": r.ky, "svcca": r.similarity, "baseline": r.baseline})
-        rows.sort(key=lambda r: (r["language"], r["layer"]))
+                s = self.reader.compare(("speech", la, a_ids), ("text", lb, b_ids))
+                scores[lang].append(s)
+                rows.append({"run": self.run, "language": lang, "layer": la, "text_layer": lb, "items": len(a_ids),
+                             "k_speech": s.kx, "k_text": s.ky, **self.score_row(s)})
+        rows.sort(key=lambda r: (r["language"], [p[0] for p in pairs].index(r["layer"])))
+        labels = [p[0] for p in pairs]
+        curves = {lang: self.curve(v) for lang, v in scores.items()}
+        self.result.arrays[f"{self.run}/crossmodal/points"] = np.array([str(p) for p in labels])
         for lang, arr in curves.items():
-            result.arrays[f"{run}/crossmodal/{lang}"] = arr  # (layers, [svcca, baseline])
-            gain = arr[:, 0] - np.nan_to_num(arr[:, 1])
-            if run == "baseline" and np.isfinite(gain).any():
-                best = int(np.nanargmax(gain))
-                result.summary[f"cross-modal {lang}: best layer (svcca - baseline)"] = layer_pairs[best][0]
-                result.summary[f"cross-modal {lang}: svcca / baseline there"] = [arr[best, 0], arr[best, 1]]
-                _note_no_gain(result, f"Cross-modal {lang}", gain[best])
-        result.tables.append(Table(f"Cross-modal SVCCA per layer (speech vs text) ({run})", rows))
-        result.figures[f"svcca_crossmodal_{run}"] = curve_plot(
-            curves, [p[0] for p in layer_pairs], f"Cross-modal SVCCA, speech vs text ({run})",
-            "layer" if depth["speech"] == depth["text"] else "speech-side layer")
+            self.result.arrays[f"{self.run}/crossmodal/{lang}"] = arr  # (points, [svcca, random, shuffled])
+            self.best(f"cross-modal {lang}", labels, arr)
+        self.result.tables.append(Table(f"Cross-modal SVCCA per layer (speech vs text) ({self.run})", rows))
+        self.result.figures[f"svcca_crossmodal_{self.run}"] = curve_plot(
+            curves, labels, f"Cross-modal SVCCA, speech vs text ({self.run})",
+            "layer" if pairs == [(p, p) for p, _ in pairs] else "speech-side layer", self.baselines)
+        if self.spec.levels is not None:
+            self.by_level(curves, labels)
+        self.cm_scores = {lang: dict(zip(labels, v)) for lang, v in scores.items()}
         return len(curves)
 
-    def _cross_lingual(self, result: Result, run: str, index: dict, reader: "_Reader", depth: dict) -> int:
+    def by_level(self, curves: dict[str, np.ndarray], labels: list) -> None:
+        """Fig. 2 (lower part): cross-modal curves averaged over the languages of each resource level."""
+        table = self.spec._level_table()
+        level = {lang: table.get(label_code(lang)) for lang in curves}
+        missing = sorted(lang for lang, lv in level.items() if lv is None)
+        if missing:
+            self.note(f"levels: {', '.join(missing)} are not in the levels table and are averaged as 'unlisted'.")
+        groups: dict[str, list[str]] = {}
+        for lang, lv in level.items():
+            groups.setdefault(lv or "unlisted", []).append(lang)
+        means = {lv: np.mean([curves[lang] for lang in langs], axis=0) for lv, langs in sorted(groups.items())}
+        self.result.tables.append(Table(f"Cross-modal SVCCA per layer by resource level ({self.run})", [
+            {"run": self.run, "level": lv, "languages": len(groups[lv]), "layer": p,
+             "svcca": arr[i, 0], **{NAMES[b]: arr[i, 1 + ("random", "shuffled").index(b)] for b in self.baselines}}
+            for lv, arr in means.items() for i, p in enumerate(labels)]))
+        for lv, arr in means.items():
+            self.result.arrays[f"{self.run}/crossmodal_by_level/{lv}"] = arr
+        self.result.figures[f"svcca_crossmodal_levels_{self.run}"] = curve_plot(
+            {f"{lv} ({len(groups[lv])})": arr for lv, arr in means.items()}, labels,
+            f"Cross-modal SVCCA by resource level ({self.run})", "layer", self.baselines)
+
+    def cross_lingual(self) -> int:
         found = 0
         for modality in ("speech", "text"):
-            langs = sorted(lang for lang, m in index if m == modality)
-            pairs = {}
-            for i, a in enumerate(langs):
-                for j in range(i + 1, len(langs)):
-                    sids, a_ids, b_ids = reps.matched_ids(index, (a, modality), (langs[j], modality))
-                    if len(sids) < self.min_items:
-                        result.notes.append(f"cross-lingual {modality} {a}-{langs[j]}: only {len(sids)} paired "
-                                            "items; skipped.")
-                    else:
-                        pairs[(i, j)] = (a_ids, b_ids)
-            if not pairs:
+            langs = sorted(lang for lang, m in self.index if m == modality)
+            groups = self.groups({(a, b): ((a, modality), (b, modality)) for i, a in enumerate(langs)
+                                  for b in langs[i + 1:]}, f"cross-lingual {modality}")
+            if not groups:
                 continue
-            found += len(pairs)
-            n_layers = depth[modality]
-            sim = np.full((n_layers, len(langs), len(langs)), np.nan)
-            base = np.full_like(sim, np.nan)
+            found += len(groups)
+            labels = [p for p, _ in self.points[modality]]
+            sim = np.full((len(labels), len(langs), len(langs)), np.nan)
+            base = {b: np.full_like(sim, np.nan) for b in self.baselines}
             rows = []
-            for layer in range(n_layers):
-                reader.clear()
-                for (i, j), (a_ids, b_ids) in pairs.items():
-                    r = reader.compare((modality, layer, a_ids), (modality, layer, b_ids),
-                                       self.baseline_permutations, self.seed)
-                    sim[layer, i, j] = sim[layer, j, i] = r.similarity
-                    base[layer, i, j] = base[layer, j, i] = r.baseline
-                    rows.append({"run": run, "modality": modality, "layer": layer, "language_a": langs[i],
-                                 "language_b": langs[j], "items": len(a_ids), "k_a": r.kx, "k_b": r.ky,
-                                 "svcca": r.similarity, "baseline": r.baseline})
-                np.fill_diagonal(sim[layer], 1.0)
-            result.arrays[f"{run}/crosslingual/{modality}/svcca"] = sim  # (layers, languages, languages)
-            result.arrays[f"{run}/crosslingual/{modality}/baseline"] = base
-            result.arrays[f"{run}/crosslingual/{modality}/languages"] = np.array(langs)
-            result.tables.append(Table(f"Cross-lingual SVCCA per layer and language pair ({modality}) ({run})",
-                                       rows, show=False))
+            for n, point in enumerate(labels):
+                self.reader.clear()
+                for (a, b), (a_ids, b_ids) in groups.items():
+                    i, j = langs.index(a), langs.index(b)
+                    s = self.reader.compare((modality, point, a_ids), (modality, point, b_ids))
+                    sim[n, i, j] = sim[n, j, i] = s.similarity
+                    for kind in self.baselines:
+                        base[kind][n, i, j] = base[kind][n, j, i] = getattr(s, kind)
+                    rows.append({"run": self.run, "modality": modality, "layer": point, "language_a": langs[i],
+                                 "language_b": langs[j], "items": len(a_ids), "k_a": s.kx, "k_b": s.ky,
+                                 **self.score_row(s)})
+                np.fill_diagonal(sim[n], 1.0)
+            key = f"{self.run}/crosslingual/{modality}"
+            self.result.arrays[f"{key}/svcca"] = sim  # (points, languages, languages)
+            for b, arr in base.items():
+                self.result.arrays[f"{key}/{NAMES[b]}"] = arr
+            self.result.arrays[f"{key}/languages"] = np.array(langs)
+            self.result.arrays[f"{key}/points"] = np.array([str(p) for p in labels])
+            self.result.tables.append(Table(f"Cross-lingual SVCCA per layer and language pair ({modality}) "
+                                            f"({self.run})", rows, show=False))
             off = ~np.eye(len(langs), dtype=bool)
-            mean_sim, mean_base = _offdiag_mean(sim, off), _offdiag_mean(base, off)
-            result.tables.append(Table(f"Cross-lingual SVCCA, mean over language pairs ({modality}) ({run})",
-                                       [{"layer": layer, "svcca": mean_sim[layer], "baseline": mean_base[layer]}
-                                        for layer in range(n_layers)]))
-            gain = mean_sim - np.nan_to_num(mean_base)
-            if run == "baseline" and np.isfinite(gain).any():
-                best = int(np.nanargmax(gain))
-                result.summary[f"cross-lingual {modality}: best layer (mean svcca - baseline)"] = best
-                result.summary[f"cross-lingual {modality}: svcca / baseline there"] = [mean_sim[best],
-                                                                                       mean_base[best]]
-                _note_no_gain(result, f"Cross-lingual {modality}", gain[best])
-            result.figures[f"svcca_crosslingual_{modality}_{run}"] = curve_plot(
-                {"mean over language pairs": np.stack([mean_sim, mean_base], 1)}, list(range(n_layers)),
-                f"Cross-lingual SVCCA, {modality} ({run})", "layer")
-            shown = reps.spread_layers(list(range(n_layers)), self.heatmap_layers)
-            result.figures[f"svcca_languages_{modality}_{run}"] = heatmaps(
-                sim, langs, shown, f"Cross-lingual SVCCA between {modality} of each language pair ({run} run)")
+            mean = np.stack([_offdiag_mean(sim, off)] + [
+                _offdiag_mean(base[b], off) if b in base else np.full(len(labels), np.nan)
+                for b in ("random", "shuffled")], 1)
+            self.result.tables.append(Table(f"Cross-lingual SVCCA, mean over language pairs ({modality}) "
+                                            f"({self.run})", [{"layer": p, "svcca": mean[n, 0], **{
+                                                NAMES[b]: mean[n, 1 + ("random", "shuffled").index(b)]
+                                                for b in self.baselines}} for n, p in enumerate(labels)]))
+            self.best(f"cross-lingual {modality}", labels, mean)
+            self.result.figures[f"svcca_crosslingual_{modality}_{self.run}"] = curve_plot(
+                {"mean over language pairs": mean}, labels, f"Cross-lingual SVCCA, {modality} ({self.run})", "layer",
+                self.baselines)
+            layer_idx = [n for n, p in enumerate(labels) if isinstance(p, int)]
+            shown = reps.spread_layers(layer_idx, self.spec.heatmap_layers)
+            self.result.figures[f"svcca_languages_{modality}_{self.run}"] = heatmaps(
+                sim, langs, shown, f"Cross-lingual SVCCA between {modality} of each language pair ({self.run} run)",
+                [str(labels[n]) for n in shown])
+            if modality == "text":
+                self.cl_text = {(a, b): (sim[:, langs.index(a), langs.index(b)], a_ids, b_ids)
+                                for (a, b), (a_ids, b_ids) in groups.items()}
+                self.cl_labels = labels
+                if self.spec.token_overlap:
+                    self.overlap()
         return found
 
+    def mixed(self) -> int:
+        """Text of language A vs speech of language B (A != B): the paper's "cross-lingual speech" of Fig. 5."""
+        langs_t = sorted(lang for lang, m in self.index if m == "text")
+        langs_s = sorted(lang for lang, m in self.index if m == "speech")
+        groups = self.groups({(a, b): ((a, "text"), (b, "speech")) for a in langs_t for b in langs_s if a != b},
+                             "text vs speech of another language")
+        if not groups:
+            return 0
+        pairs = self.modal_pairs()
+        sim = np.full((len(pairs), len(langs_t), len(langs_s)), np.nan)
+        rows = []
+        for n, (ls, lt) in enumerate(pairs):
+            self.reader.clear()
+            for (a, b), (t_ids, s_ids) in groups.items():
+                s = self.reader.compare(("text", lt, t_ids), ("speech", ls, s_ids))
+                sim[n, langs_t.index(a), langs_s.index(b)] = s.similarity
+                rows.append({"run": self.run, "text_language": a, "speech_language": b, "layer": ls,
+                             "text_layer": lt, "items": len(t_ids), **self.score_row(s)})
+        self.result.arrays[f"{self.run}/text_vs_speech/svcca"] = sim  # (points, text languages, speech languages)
+        self.result.arrays[f"{self.run}/text_vs_speech/text_languages"] = np.array(langs_t)
+        self.result.arrays[f"{self.run}/text_vs_speech/speech_languages"] = np.array(langs_s)
+        self.result.tables.append(Table(f"SVCCA, text of one language vs speech of another ({self.run})", rows,
+                                        show=False))
+        self.gap_table(pairs, sim, langs_t, langs_s)
+        return len(groups)
 
-def _note_no_gain(result: Result, what: str, best_gain: float) -> None:
-    """Say so when no layer beats the shuffled baseline: the "best layer" is then only the least bad one."""
-    if np.isfinite(best_gain) and best_gain <= 0:
-        result.notes.append(f"{what}: SVCCA is at or below the shuffled-pairs baseline at every layer (best "
-                            f"difference {best_gain:+.3f}), so the same sentences are no more aligned than "
-                            "random pairs; its 'best layer' is only the least bad one.")
+    def gap_table(self, pairs: list, sim: np.ndarray, langs_t: list[str], langs_s: list[str]) -> None:
+        """Fig. 5: for text of each language at one point, its SVCCA with its own speech (cross-modal), with its
+        text translations and with their speech (ranges over the other languages)."""
+        labels = [p for p, _ in pairs]
+        want = self.spec.gap_point
+        n = len(pairs) - 1 if want is None else next((k for k, p in enumerate(labels) if str(p) == want), None)
+        if n is None:
+            raise UserError(f"svcca: gap_point '{want}' is not a point here; points: {', '.join(map(str, labels))}.")
+        ls, lt = pairs[n]
+        own = getattr(self, "cm_scores", {})
+        text = getattr(self, "cl_text", {})
+        t_col = {p: k for k, p in enumerate(getattr(self, "cl_labels", []))}
+        rows = []
+        for i, a in enumerate(langs_t):
+            row: dict[str, Any] = {"text_language": a, "layer": ls,
+                                   "cross-modal (own speech)": own[a][ls].similarity if a in own else None}
+            trans = [v[0][t_col[lt]] for k, v in text.items() if a in k and lt in t_col]
+            speech = [sim[n, i, j] for j, b in enumerate(langs_s) if b != a and np.isfinite(sim[n, i, j])]
+            for name, vals in (("cross-lingual text", trans), ("cross-lingual speech", speech)):
+                row.update({f"{name} min": min(vals) if vals else None, f"{name} mean": float(np.mean(vals))
+                            if vals else None, f"{name} max": max(vals) if vals else None})
+            rows.append(row)
+        self.result.tables.append(Table(f"Language gap vs modality gap at layer {ls} (text of each language; "
+                                        f"Fig. 5) ({self.run})", rows))
+
+    def overlap(self) -> None:
+        """§3.2: Pearson r between the share of tokens parallel texts of two languages share and their cross-lingual
+        text SVCCA at the first point (the input embeddings where ``inputs`` is given), over language pairs."""
+        tok = self.model.tokenizer
+        text_of = {it.id: it.text for it in self.items}
+        point = self.cl_labels[0]
+        rows = []
+        for (a, b), (curve, a_ids, b_ids) in self.cl_text.items():
+            shares = []
+            for x, y in zip(a_ids, b_ids):
+                if not (text_of.get(x) and text_of.get(y)):
+                    continue
+                ta, tb = (set(tok(text_of[i], add_special_tokens=False)["input_ids"]) for i in (x, y))
+                shares.append(len(ta & tb) / max(1, len(ta | tb)))
+            if shares:
+                rows.append({"language_a": a, "language_b": b, "shared_tokens": float(np.mean(shares)),
+                             "svcca": float(curve[0]), "sentences": len(shares)})
+        self.result.tables.append(Table(f"Shared tokens vs cross-lingual text SVCCA at layer {point} ({self.run})",
+                                        rows, show=len(rows) <= 12))
+        x, y = np.array([r["shared_tokens"] for r in rows]), np.array([r["svcca"] for r in rows])
+        ok = np.isfinite(y)
+        if ok.sum() >= 3 and np.ptp(x[ok]) > 0 and np.ptp(y[ok]) > 0:
+            r, p = stats.pearsonr(x[ok], y[ok])
+        else:
+            r, p = float("nan"), float("nan")
+            self.note("token_overlap: fewer than 3 language pairs with varying values; no correlation.")
+        if self.run == "baseline":
+            self.result.summary[f"shared tokens vs text SVCCA at {point}: Pearson r, p ({int(ok.sum())} pairs)"] = [
+                float(r), float(p)]
+
+
+def _name(key: Any) -> str:
+    return "-".join(map(str, key)) if isinstance(key, tuple) else str(key)
 
 
 def _offdiag_mean(mats: np.ndarray, off: np.ndarray) -> np.ndarray:
-    """Per layer, the mean over computed language pairs (NaN where none was computed)."""
+    """Per point, the mean over computed language pairs (NaN where none was computed)."""
     vals = mats[:, off]
     ok = np.isfinite(vals)
     return np.where(ok.any(1), np.where(ok, vals, 0).sum(1) / np.maximum(ok.sum(1), 1), np.nan)
-
-
-class _Reader:
-    """Reads a layer once for every stored item and caches each side's SVD-reduced, whitened form.
-
-    ``clear`` is called when the loop moves to the next layer, so memory holds one or two layers at a time.
-    """
-
-    def __init__(self, store: Any, ids: list[str], stacks: dict[str, str], site: str, position: str,
-                 variance: float, epsilon: float) -> None:
-        self.store, self.stacks, self.site, self.position = store, stacks, site, position
-        self.ids: dict[str, list[str]] = {}  # per stack: the items whose rows hold it, in dataset order
-        for stack in set(stacks.values()):
-            held = store.ids_with([f"{stack}.0.{site}@{position}"])
-            self.ids[stack] = [i for i in ids if i in held]
-        self.row = {stack: {i: n for n, i in enumerate(v)} for stack, v in self.ids.items()}
-        self.variance, self.epsilon = variance, epsilon
-        self._raw: dict[str, np.ndarray] = {}
-        self._reduced: dict[tuple, tuple[np.ndarray, int]] = {}
-        self.ks: list[int] = []  # every k the SVD step kept, for the summary
-        self.compared: list[tuple[str, ...]] = []  # the id lists reduced, for the small-sample note
-
-    def clear(self) -> None:
-        self._raw.clear()
-        self._reduced.clear()
-
-    def reduced(self, modality: str, layer: int, ids: list[str]) -> tuple[np.ndarray, int]:
-        key = (modality, layer, tuple(ids))
-        if key not in self._reduced:
-            stack = self.stacks[modality]
-            site = f"{stack}.{layer}.{self.site}"
-            if site not in self._raw:
-                self._raw[site] = reps.load_layer(self.store, site, self.position, self.ids[stack])
-            r = svd_reduce(self._raw[site][[self.row[stack][i] for i in ids]], self.variance)
-            self._reduced[key] = (whiten(r, self.epsilon), r.shape[1])
-            self.ks.append(r.shape[1])
-            self.compared.append(tuple(ids))
-        return self._reduced[key]
-
-    def compare(self, a: tuple[str, int, list[str]], b: tuple[str, int, list[str]], permutations: int,
-                seed: int) -> SVCCA:
-        wx, kx = self.reduced(*a)
-        wy, ky = self.reduced(*b)
-        return svcca_reduced(wx, wy, kx, ky, permutations, seed)
-
 
 
 @hookimpl

@@ -144,7 +144,7 @@ def test_svcca_cross_modal_and_cross_lingual_tables_and_matrices(probe):
     assert {(r["language"], r["layer"]) for r in rows} == {(lang, i) for lang in LANGS for i in range(LM_LAYERS)}
     for r in rows:
         assert r["items"] == len(SENTENCES) and r["text_layer"] == r["layer"]
-        assert 0 <= r["svcca"] <= 1 + 1e-9 and 0 <= r["baseline"] <= 1 + 1e-9
+        assert 0 <= r["svcca"] <= 1 + 1e-9 and 0 <= r["random_baseline"] <= 1 + 1e-9
         assert 1 <= r["k_speech"] < len(SENTENCES) and 1 <= r["k_text"] < len(SENTENCES)
     for modality in ("speech", "text"):
         sim = run.arrays[f"baseline/crosslingual/{modality}/svcca"]
@@ -156,7 +156,7 @@ def test_svcca_cross_modal_and_cross_lingual_tables_and_matrices(probe):
         assert [r["layer"] for r in mean] == list(range(LM_LAYERS))
         pairs = run.table(f"Cross-lingual SVCCA per layer and language pair ({modality})")
         assert len(pairs) == LM_LAYERS * 3  # de-en, de-fr, en-fr
-    assert run.arrays["baseline/crossmodal/en"].shape == (LM_LAYERS, 2)
+    assert run.arrays["baseline/crossmodal/en"].shape == (LM_LAYERS, 3)
     summary = run.results["summary"]
     assert summary["stacks"] == {"speech": "lm", "text": "lm"} and summary["variance (s²)"] == 0.9
     assert "cross-modal en: best layer (svcca - baseline)" in summary
