@@ -7,20 +7,24 @@ over pairs with a 95% confidence interval: a t-interval over the per-pair scores
 percentile bootstrap over pairs (``ci=bootstrap``, 2000 resamples, seeded). Both treat the baseline as fixed: it
 averages n(n−1) cosines, so its sampling error is small next to the per-pair spread.
 
-(b) Eq. 2 — token-language distribution under the logit lens. Token counts per language c(w, z) come from text
-(the dataset's texts and transcripts, plus the built-in sentences for languages they lack, or a corpus file).
-``log p(w|z) = log c(w,z) − log Σ_w c(w,z)``; ``p(z|w)`` = softmax over languages with a UNIFORM prior, masking
-languages where w never occurs; tokens seen in no language get 1/|languages|. For a hidden state,
-``p(z|h) = Σ_w p_lens(w|h) p(z|w)`` with ``p_lens`` the lens softmax truncated to the tokenizer's base vocabulary
-(``tokenizer.vocab_size``, no added special tokens) and renormalised. Tokens are counted without special tokens.
-The lens skips the final norm by default (``norm=false``), as the reference code does for layers < L; the
-last layer is the normed state for both parts (HF's ``hidden_states[-1]``, which the reference reads).
-The paper averages over every token position of long texts; here each item contributes its ``position`` state
-(``auto``: the last position on an LM / decoder, the mean over the valid positions on an encoder). With the small
-built-in corpus the token table is noisy; pass ``corpus=<file>`` with more text (lines ``language<TAB>text`` or
-JSONL with ``language`` and ``text``) for stable estimates. ``table_mass`` = Σ_w p_lens(w|h) over the tokens the
-table has seen: where it is small, p(z|h) is mostly the uniform prior of unseen tokens, not evidence (Whisper's
-decoder at ``<|startoftranscript|>`` puts its mass on language tokens, outside the base vocabulary).
+(b) Eq. 2 — token-language distribution under the logit lens. Token counts per language c(w, z) come from an
+independent resource, not from the data analysed: by default (``corpus=wordfreq``) the ``wordfreq`` package's word
+lists (42 languages, shipped offline on PyPI), whose ``table_words`` most frequent words per language are tokenized
+by the model's tokenizer as in running text, each token counting its word's frequency (the paper counts tokens of
+100,000 mC4 documents per language, which cannot ship offline). ``corpus=builtin`` (the built-in sentences),
+``corpus=<file>`` (lines ``language<TAB>text`` or JSONL with ``language`` and ``text``) or, only on request,
+``corpus=dataset`` (the dataset's own texts and transcripts: circular, the table then knows the very sentences it
+scores) count tokens of text instead. ``log p(w|z) = log c(w,z) − log Σ_w c(w,z)``; ``p(z|w)`` = softmax over
+languages with a UNIFORM prior, masking languages where w never occurs; tokens seen in no language get
+1/|languages|. For a hidden state, ``p(z|h) = Σ_w p_lens(w|h) p(z|w)`` with ``p_lens`` the lens softmax truncated to
+the tokenizer's base vocabulary (``tokenizer.vocab_size``, no added special tokens) and renormalised. Tokens are
+counted without special tokens. The lens skips the final norm by default (``norm=false``), as the reference code
+does for layers < L; the last layer is the normed state for both parts (HF's ``hidden_states[-1]``, which the
+reference reads). The paper averages over every token position of long texts; here each item contributes its
+``position`` state (``auto``: the last position on an LM / decoder, the mean over the valid positions on an
+encoder). ``table_mass`` = Σ_w p_lens(w|h) over the tokens the table has seen: where it is small, p(z|h) is mostly
+the uniform prior of unseen tokens, not evidence (Whisper's decoder at ``<|startoftranscript|>`` puts its mass on
+language tokens, outside the base vocabulary).
 
 Part (b) needs an unembedding: ``language_lens`` unset runs it where the stack has one (an LM / text decoder) and
 skips it, with a note, on an encoder; ``language_lens=true`` on an encoder is an error. A model that takes speech
@@ -31,11 +35,13 @@ only (Whisper) has no text side: ``compare=[modality]`` alone is refused before 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from importlib import metadata
 from typing import Any, ClassVar
 
 import numpy as np
 from lalm_probe.core.data import Dataset
 from lalm_probe.core.errors import UserError
+from lalm_probe.core.languages import label_code
 from lalm_probe.core.plugin import Analysis, Requirements, Stores
 from lalm_probe.core.registry import hookimpl
 from lalm_probe.core.results import Result, Table
@@ -50,6 +56,8 @@ from lalm_probe.plugins.analyses.hub.measure import (
     language_given_token,
     mean_ci,
     read_corpus,
+    wordfreq_counts,
+    wordfreq_languages,
 )
 from lalm_probe.plugins.analyses.hub.plots import lens_plot, similarity_plot
 from scipy.special import softmax
@@ -72,7 +80,9 @@ class Hub(Analysis):
     similarity: bool = True  # part (a)
     language_lens: bool | None = None  # part (b); unset: on where the stack has an unembedding
     norm: bool = False  # apply the final norm in the lens (the reference does not)
-    corpus: str = "auto"  # auto | dataset | builtin | path to a language<TAB>text or JSONL file
+    corpus: str = "wordfreq"  # wordfreq | dataset | builtin | path to a language<TAB>text or JSONL file
+    table_languages: list[str] | None = None  # the token table's languages (default: all wordfreq has, 42)
+    table_words: int = 10000  # wordfreq: the most frequent words per language that are tokenized
     chunk: int = 64  # items projected at once
     seed: int = 0
 
@@ -217,42 +227,49 @@ class Hub(Analysis):
 
     # ---- (b) --------------------------------------------------------------------------------------------
     def texts(self, dataset: Dataset) -> dict[str, list[str]]:
-        """Text per language for the token table, following the ``corpus`` option.
+        """Text per language for a token table counted from text (``corpus`` = dataset, builtin or a file).
 
-        ``auto``: the dataset's texts and transcripts, plus the built-in sentences for each language of the
-        dataset (and the dominant one) that has no text in it; ``dataset`` / ``builtin``: only that source.
+        ``dataset``: the dataset's own texts and transcripts (circular: the table then knows the very sentences
+        it scores, so only on request); ``builtin``: the built-in sentences of every language.
         """
-        if self.corpus not in ("auto", "dataset", "builtin"):
+        if self.corpus == "builtin":
+            return builtin_texts()
+        if self.corpus != "dataset":
             return read_corpus(self.corpus)
         out: dict[str, list[str]] = {}
-        if self.corpus in ("auto", "dataset"):
-            for it in dataset:
-                text = it.text or it.labels.get("transcript")
-                if text and "language" in it.labels:
-                    out.setdefault(str(it.labels["language"]), []).append(str(text))
-            out = {k: list(dict.fromkeys(v)) for k, v in out.items()}  # a sentence counts once per language
-        if self.corpus == "builtin":
-            out = builtin_texts()
-        elif self.corpus == "auto":
-            wanted = {str(it.labels["language"]) for it in dataset if "language" in it.labels} | {self.dominant}
-            out.update(builtin_texts(wanted - set(out)))
-        return out
+        for it in dataset:
+            text = it.text or it.labels.get("transcript")
+            if text and "language" in it.labels:
+                out.setdefault(str(it.labels["language"]), []).append(str(text))
+        return {k: list(dict.fromkeys(v)) for k, v in out.items()}  # a sentence counts once per language
 
     def _token_table(self, model: ModelView, dataset: Dataset, result: Result
                      ) -> tuple[list[str], np.ndarray, np.ndarray]:
         """Languages, p(language | token) and which tokens the table has seen at all."""
         tok = model.tokenizer
         vocab = int(getattr(tok, "vocab_size", 0) or len(tok))
-        texts = self.texts(dataset)
-        if len(texts) < 2:
+        if self.corpus == "wordfreq":
+            langs = [label_code(x) for x in self.table_languages] if self.table_languages else wordfreq_languages()
+            unknown = sorted(set(langs) - set(wordfreq_languages()))
+            if unknown:
+                raise UserError(f"hub: wordfreq has no word list for {', '.join(unknown)}; it has: "
+                                f"{', '.join(wordfreq_languages())}.")
+            langs, counts = wordfreq_counts(tok, langs, vocab, self.table_words)
+            result.summary["token table: source"] = (f"wordfreq {_version('wordfreq')}: the {self.table_words} most "
+                                                     "frequent words per language, weighted by frequency")
+        else:
+            texts = self.texts(dataset)
+            langs, counts = count_tokens(tok, texts, vocab)
+            result.summary["token table: source"] = (self.corpus if self.corpus in ("dataset", "builtin")
+                                                     else f"file {self.corpus}")
+        if len(langs) < 2:
             raise UserError(f"hub: the token-language table needs text in at least two languages; found "
-                            f"{', '.join(texts) or 'none'}. Pass corpus=builtin or corpus=<file>.")
-        langs, counts = count_tokens(tok, texts, vocab)
+                            f"{', '.join(langs) or 'none'}. Use corpus=wordfreq, corpus=builtin or corpus=<file>.")
         result.summary["token table: languages"] = langs
-        result.summary["token table: tokens counted"] = int(counts.sum())
+        result.summary["token table: tokens counted"] = float(counts.sum())
         result.arrays["token_table/counts_per_language"] = counts.sum(axis=0)
-        if self.dominant not in langs:
-            result.notes.append(f"The dominant language '{self.dominant}' has no text in the token table, "
+        if _column(langs, self.dominant) is None:
+            result.notes.append(f"The dominant language '{self.dominant}' is not in the token table, "
                                 "so p(dominant | h) is not reported.")
         return langs, language_given_token(counts), counts.sum(axis=1) > 0
 
@@ -287,8 +304,9 @@ class Hub(Analysis):
                                     "corpus=<file> with more text, or read a position where the model predicts "
                                     "words (e.g. after a forced language prompt).")
         result.arrays["token_table/languages"] = np.array(langs)
-        col = {lang: j for j, lang in enumerate(langs)}
-        dom = col.get(self.dominant)
+        col = {lang: j for lang in {str(it.labels.get("language")) for it in items}
+               if (j := _column(langs, lang)) is not None}
+        dom = _column(langs, self.dominant)
         nan = np.full(len(layers), np.nan)
         groups: dict[tuple[str, str], list[int]] = {}
         for n, it in enumerate(items):
@@ -332,6 +350,21 @@ class Hub(Analysis):
                         curve[best])
         result.figures[f"hub_language_lens_{run}"] = lens_plot(curves, layers, self.dominant, run)
 
+
+
+def _column(langs: list[str], label: str) -> int | None:
+    """The token-table column of a language label, in the label's spelling or the table's (``deu`` -> ``de``)."""
+    for key in (label, label_code(label)):
+        if key in langs:
+            return langs.index(key)
+    return None
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "?"
 
 
 @hookimpl

@@ -178,7 +178,7 @@ def test_svcca_speech_encoder_against_lm_pairs_layers_by_depth(probe):
 
 # ---- hub -----------------------------------------------------------------------------------------------
 def test_hub_similarity_with_cis_and_lens_language_probabilities(probe):
-    run = probe("hub")
+    run = probe("hub:table_languages=[de,en,fr],table_words=2000")  # wordfreq's lists of the data's languages
     assert_complete(run, {"hub_similarity_baseline", "hub_language_lens_baseline"})
     rows = run.table("Baseline-adjusted cosine per layer, 95% CI")
     comparisons = {r["comparison"] for r in rows}

@@ -91,7 +91,9 @@ class LetterTokenizer:
 
     vocab_size = 20
 
-    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+    def __call__(self, text: str | list[str], add_special_tokens: bool = True) -> dict:
+        if isinstance(text, list):  # a batch, as HF tokenizers take it
+            return {"input_ids": [self(t, add_special_tokens)["input_ids"] for t in text]}
         return {"input_ids": [ord(c) - ord("a") for c in text if c.isalpha()] + ([99] if add_special_tokens else [])}
 
 
@@ -106,13 +108,37 @@ def test_count_tokens_and_corpus_file(tmp_path):
         read_corpus(tmp_path / "missing.tsv")
 
 
-def test_builtin_sentences_fill_languages_under_the_datasets_spelling():
-    speech = [Stimulus(f"{lang}-1", audio=np.zeros(160), sample_rate=16000, labels={"language": lang})
+def test_text_corpora_are_the_dataset_only_on_request():
+    speech = [Stimulus(f"{lang}-1", audio=np.zeros(160), sample_rate=16000,
+                       labels={"language": lang, "transcript": "Guten Tag." if lang == "deu" else "Hello."})
               for lang in ("deu", "English")]
-    texts = Hub(corpus="auto").texts(Dataset(speech))
-    assert set(texts) == {"deu", "English", "en"}  # the labels as given, and the dominant language
-    assert texts["English"] == texts["en"] and "Die Katze schläft auf dem Bett." in texts["deu"]
-    assert set(Hub(corpus="builtin").texts(Dataset(speech))) >= {"de", "en", "zh"}  # the table's own codes
+    assert Hub(corpus="dataset").texts(Dataset(speech)) == {"deu": ["Guten Tag."], "English": ["Hello."]}
+    builtin = Hub(corpus="builtin").texts(Dataset(speech))
+    assert set(builtin) >= {"de", "en", "zh"} and "Die Katze schläft auf dem Bett." in builtin["de"]
+    assert Hub().corpus == "wordfreq"  # the default: an independent word-frequency resource
+
+
+def test_wordfreq_token_counts_by_hand(qwen_session):
+    """Each of a language's most frequent words, tokenized after a space as in running text, adds its frequency
+    to every token it is made of (with multiplicity)."""
+    import wordfreq
+    from lalm_probe.plugins.analyses.hub.measure import wordfreq_counts
+
+    tok = qwen_session.plugin.tokenizer
+    langs, counts = wordfreq_counts(tok, ["fr", "en"], tok.vocab_size, words=50)
+    assert langs == ["en", "fr"]
+    by_hand = np.zeros(tok.vocab_size)
+    for word in wordfreq.top_n_list("fr", 50):
+        for i in tok(" " + word, add_special_tokens=False)["input_ids"]:
+            by_hand[i] += \
+                wordfreq.get_frequency_dict("fr")[word]
+    np.testing.assert_allclose(counts[:, 1], by_hand)  # one joined text, split back per word: the same counts
+    _, again = wordfreq_counts(tok, ["en", "fr"], tok.vocab_size, words=50)  # read back from the cache
+    np.testing.assert_array_equal(again, counts)
+    assert counts[:, 0].sum() > 0 and not np.allclose(counts[:, 0], counts[:, 1])
+    _, zh = wordfreq_counts(tok, ["zh"], tok.vocab_size, words=5)  # written without spaces: bare words
+    first = wordfreq.top_n_list("zh", 5)[0]
+    assert zh[tok(first, add_special_tokens=False)["input_ids"][0], 0] > 0
 
 
 # ---- end to end ------------------------------------------------------------------------------------------
@@ -156,7 +182,7 @@ def _planted(tmp_path):
 
 def test_end_to_end(tmp_path):
     dataset, store, session = _planted(tmp_path)
-    hub = Hub()
+    hub = Hub(corpus="dataset")  # the planted vocabulary: a table from the items' own letters
     req = hub.requirements(session, dataset)
     assert req.sites == ["lm.*.out"] and req.positions == ["last"] and set(req.labels) == {"language", "semantic_id"}
     result = hub.analyze(session, dataset, Stores(baseline=store))
@@ -193,9 +219,8 @@ def test_options_and_errors(tmp_path):
         session, dataset, Stores(baseline=store, intervened=store))
     assert {"baseline/similarity/text: en vs fr", "intervened/similarity/speech: en vs fr"} <= set(result.arrays)
     assert not any(k.startswith("baseline/language_lens") for k in result.arrays)
-    # the dataset's texts cover en and fr; the built-in sentences fill in a dominant language it lacks
-    texts = Hub(dominant="de").texts(dataset)
-    assert set(texts) == {"en", "fr", "de"} and texts["en"][0] == "aaa"
+    texts = Hub(corpus="dataset").texts(dataset)
+    assert set(texts) == {"en", "fr"} and texts["en"][0] == "aaa"
     assert set(Hub(corpus="builtin").texts(dataset)) >= {"en", "fr", "de", "zh"}
     lonely = Dataset([Stimulus(id=f"i{n}", text="ab", labels={"semantic_id": f"s{n}", "language": "en"})
                       for n in range(3)])
@@ -206,6 +231,8 @@ def test_options_and_errors(tmp_path):
         Hub(language_lens=False).analyze(session, lonely, Stores(baseline=s2))
     with pytest.raises(UserError, match="at least two languages"):
         Hub(similarity=False, corpus="dataset").analyze(session, lonely, Stores(baseline=s2))
+    with pytest.raises(UserError, match="wordfreq has no word list for xx"):
+        Hub(similarity=False, table_languages=["en", "xx"]).analyze(session, lonely, Stores(baseline=s2))
     with pytest.raises(UserError):
         Hub(pairs="some")
 
@@ -236,3 +263,22 @@ def test_the_last_layer_is_compared_after_the_final_norm(tmp_path):
     view.final_norm = lambda h, stack: np.asarray(h, dtype=np.float64)
     raw_sim = Hub(language_lens=False, compare=["modality"]).analyze(view, dataset, Stores(baseline=s2))
     assert raw_sim.arrays["baseline/similarity/en: speech vs text"][-1, 0] < 0.3  # the loud units dominate
+
+
+def test_the_default_token_table_comes_from_wordfreq_not_from_the_data(tmp_path):
+    """Item 7: p(language | token) from an independent word-frequency resource, so the sentences analysed do not
+    decide the table that scores them; the dataset's own texts only with corpus=dataset."""
+    from lalm_probe.plugins.analyses.hub.measure import wordfreq_languages
+
+    dataset, store, view = _planted(tmp_path)
+    hub = Hub(similarity=False, table_words=300)
+    result = hub.analyze(view, dataset, Stores(baseline=store))
+    assert result.summary["token table: source"].startswith("wordfreq")
+    assert result.summary["token table: languages"] == wordfreq_languages() and len(wordfreq_languages()) >= 40
+    other = Dataset([Stimulus(it.id, text=("zzz" if it.text else None), labels=it.labels) for it in dataset])
+    again = hub.analyze(view, other, Stores(baseline=store))  # other texts, same states: the same table
+    np.testing.assert_array_equal(result.arrays["baseline/language_lens/p_language"],
+                                  again.arrays["baseline/language_lens/p_language"])
+    circular = Hub(similarity=False, corpus="dataset").analyze(view, other, Stores(baseline=store))
+    assert circular.summary["token table: source"] == "dataset"
+    assert circular.summary["token table: languages"] == ["en", "fr"]
