@@ -108,12 +108,12 @@ def test_clusters_writes_silhouettes_for_every_layer_and_label(probe):
     assert max(r["modality (full)"] for r in rows) > max(r["language (full)"] for r in rows)
     assert run.arrays["baseline/tsne/0"].shape == (N_SPEECH + N_TEXT, 2)
     # distances: the chosen layers only (first and last), items and centroids
-    items = run.table("Euclidean distances between items")
+    items = run.table("Euclidean distances between items in the full space")
     assert {r["layer"] for r in items} == {0, LM_LAYERS - 1}
     assert {"A1", "A2", "B1"} <= {r["name"] for r in items} and {"A1", "B1"} <= set(items[0])  # short columns
     d = run.arrays[f"baseline/item_distance/{LM_LAYERS - 1}"]
     assert d.shape[0] == d.shape[1] >= 4 and np.allclose(d, d.T) and np.allclose(np.diag(d), 0)
-    cents = run.table("Distances between cluster centroids")
+    cents = run.table("Distances between cluster centroids in the full space")
     assert {(r["label"], r["group_a"], r["group_b"]) for r in cents if r["layer"] == 0} >= {
         ("language", "de", "en"), ("language", "en", "fr"), ("modality", "speech", "text")}
     assert run.arrays["baseline/centroid_distance/language/3"].shape == (3, 3)
