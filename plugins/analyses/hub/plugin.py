@@ -20,9 +20,14 @@ languages with a UNIFORM prior, masking languages where w never occurs; tokens s
 the tokenizer's base vocabulary (``tokenizer.vocab_size``, no added special tokens) and renormalised. Tokens are
 counted without special tokens. The lens skips the final norm by default (``norm=false``), as the reference code
 does for layers < L; the last layer is the normed state for both parts (HF's ``hidden_states[-1]``, which the
-reference reads). The paper averages over every token position of long texts; here each item contributes its
-``position`` state (``auto``: the last position on an LM / decoder, the mean over the valid positions on an
-encoder). ``table_mass`` = Σ_w p_lens(w|h) over the tokens the table has seen: where it is small, p(z|h) is mostly
+reference reads). The paper averages p(z|h_t) over every token position of its texts (Fig. 4):
+``lens_position=all`` does (every position of each input, averaged per input, then over the inputs of a
+group), ``all:text`` over the text's tokens only (no chat template or control tokens); by default each item
+contributes its ``position`` state (``auto``: the last position on an LM / decoder, the mean over the valid
+positions on an encoder). ``entropy`` is that of the group's distribution p^l(z) (``item_entropy``: the mean of
+each input's). ``prefix=<label>`` gives the model the label's text as the start of its answer: Whisper's decoder
+then reads the transcript after its control tokens, so ``prefix=transcript,lens_position=all:text`` reads the
+decoder on the text of each clip, as the paper reads an LM on text. ``table_mass`` = Σ_w p_lens(w|h) over the tokens the table has seen: where it is small, p(z|h) is mostly
 the uniform prior of unseen tokens, not evidence (Whisper's decoder at ``<|startoftranscript|>`` puts its mass on
 language tokens, outside the base vocabulary).
 
@@ -42,6 +47,7 @@ import numpy as np
 from lalm_probe.core.data import Dataset
 from lalm_probe.core.errors import UserError
 from lalm_probe.core.languages import label_code
+from lalm_probe.core.model import Prompt
 from lalm_probe.core.plugin import Analysis, Requirements, Stores
 from lalm_probe.core.registry import hookimpl
 from lalm_probe.core.results import Result, Table
@@ -80,6 +86,8 @@ class Hub(Analysis):
     similarity: bool = True  # part (a)
     language_lens: bool | None = None  # part (b); unset: on where the stack has an unembedding
     norm: bool = False  # apply the final norm in the lens (the reference does not)
+    lens_position: str | None = None  # part (b): all (every position, averaged per input: the paper), all:text, ...
+    prefix: str | None = None  # label whose text the model reads as the start of its answer (Whisper: transcript)
     corpus: str = "wordfreq"  # wordfreq | dataset | builtin | path to a language<TAB>text or JSONL file
     table_languages: list[str] | None = None  # the token table's languages (default: all wordfreq has, 42)
     table_words: int = 10000  # wordfreq: the most frequent words per language that are tokenized
@@ -106,6 +114,24 @@ class Hub(Analysis):
                             + (f", or stack={lens_stack} for the lens." if lens_stack else "."))
         return has if self.language_lens is None else bool(self.language_lens)
 
+    def check(self, dataset: Dataset) -> None:
+        if self.prefix:
+            dataset.label_values(self.prefix)
+
+    def prompt(self, model: ModelView, item: Any) -> Prompt:
+        """The model's own prompt; with ``prefix``, the label's text as the start of the model's answer (Whisper's
+        decoder then reads the transcript, token by token, after its language and task tokens)."""
+        base = model.default_prompt(item)
+        if not self.prefix:
+            return base
+        return Prompt(user=base.user, assistant_prefix=str(item.labels[self.prefix]))
+
+    def _positions(self, model: ModelView, stack: str, lens: bool) -> tuple[str, str | None]:
+        """The similarity position and, when it differs, where part (b) reads (``lens_position``)."""
+        position = reps.resolve_position(model, stack, self.position)
+        lens_at = self.lens_position if lens and self.lens_position not in (None, position) else None
+        return position, lens_at
+
     def requirements(self, model: ModelView, dataset: Dataset) -> Requirements:
         stack = reps.resolve_stack(model, self.stack)
         reps.layer_sites(model, stack, "out")
@@ -119,16 +145,19 @@ class Hub(Analysis):
                 raise UserError(f"hub: compare=[modality] scores speech against the text of the same sentences, "
                                 f"but {problem}. Use compare=[language] for speech vs speech across languages.")
         labels = ["language"] + (["semantic_id"] if self.similarity else [])
-        position = reps.resolve_position(model, stack, self.position)
-        return Requirements(sites=[f"{stack}.*.out"], positions=[position], labels=labels)
+        position, lens_at = self._positions(model, stack, lens)
+        positions = ([position] if self.similarity or not lens_at else []) + ([lens_at] if lens_at else [])
+        return Requirements(sites=[f"{stack}.*.out"], positions=positions, labels=labels)
 
     @capped
     def analyze(self, model: ModelView, dataset: Dataset, stores: Stores) -> Result:
         stack = reps.resolve_stack(model, self.stack)
         layers = [layer for layer, _ in reps.layer_sites(model, stack, "out")]
-        position = reps.resolve_position(model, stack, self.position)
         lens = self._lens_on(model, stack)
+        position, lens_at = self._positions(model, stack, lens)
         result = Result(summary={"stack": stack, "position": position, "language lens": lens})
+        if lens:
+            result.summary["language lens position"] = lens_at or position
         if model.resolved[stack].final_norm is not None:
             result.notes.append(f"The last layer ({layers[-1]}) is read after '{stack}''s final norm, for the cosine "
                                 "and for the lens alike, as HF's hidden_states[-1] (what the semantic-hub code "
@@ -146,7 +175,8 @@ class Hub(Analysis):
                 result.notes.append(f"Cross-modal (speech vs text) comparisons skipped: {problem}.")
         table = self._token_table(model, dataset, result) if lens else None
         for run, store in stores.activations():
-            items = reps.items_reaching(dataset, store, stack, f"{stack}.{layers[0]}.out@{position}",
+            first = position if self.similarity or not lens_at else lens_at
+            items = reps.items_reaching(dataset, store, stack, f"{stack}.{layers[0]}.out@{first}",
                                         result.notes if run == "baseline" else None)
             ids = [it.id for it in items]
             pairs = self._pairs(items, result, run) if self.similarity else []
@@ -154,14 +184,17 @@ class Hub(Analysis):
             probs = np.zeros((len(layers), len(items), len(table[0]))) if table else None
             mass = np.zeros((len(layers), len(items))) if table else None
             for li, layer in enumerate(layers):  # one layer in memory at a time
-                x = reps.load_layer(store, f"{stack}.{layer}.out", position, ids)
+                x = reps.load_layer(store, f"{stack}.{layer}.out", position, ids) if (
+                    pairs or (table is not None and not lens_at)) else None
                 # the reference reads HF hidden_states, whose last entry is after the final norm
                 xs = model.final_norm(x, stack) if pairs and layer == layers[-1] else x
                 for name, ra, rb in pairs:
                     per_pair, off = baseline_adjusted_cosine(xs[ra], xs[rb])
                     m, lo, hi = mean_ci(per_pair, method=self.ci, seed=self.seed)
                     scores[name][li] = m, lo, hi, m + off, off
-                if table is not None:
+                if table is not None and lens_at:
+                    probs[li], mass[li] = self._lens_every_position(model, stack, layer, store, ids, lens_at, table)
+                elif table is not None:
                     probs[li], mass[li] = self._lens_probs(model, stack, layer, x, table[1], table[2])
             if pairs:
                 self._report_similarity(result, run, scores, {n: len(ra) for n, ra, _ in pairs}, layers)
@@ -289,6 +322,16 @@ class Hub(Analysis):
             mass[start:start + self.chunk] = p_lens @ seen[:v].astype(np.float64)
         return out, mass
 
+    def _lens_every_position(self, model: ModelView, stack: str, layer: int, store: Any, ids: list[str],
+                             where: str, table: tuple) -> tuple[np.ndarray, np.ndarray]:
+        """p(language | h) at every position of each input (``all`` or ``all:<span>``), averaged per input (the
+        paper averages over the tokens of its texts), and the lens mass on counted tokens, likewise."""
+        rows = store.ragged(f"{stack}.{layer}.out@{where}", ids)
+        p, m = self._lens_probs(model, stack, layer, np.concatenate(rows), table[1], table[2])
+        cuts = np.cumsum([len(r) for r in rows])[:-1]
+        return (np.stack([part.mean(axis=0) for part in np.split(p, cuts)]),
+                np.array([part.mean() for part in np.split(m, cuts)]))
+
     def _report_lens(self, result: Result, run: str, items: list, probs: np.ndarray, mass: np.ndarray,
                      langs: list[str], layers: list) -> None:
         result.arrays[f"{run}/language_lens/p_language"] = probs  # (layers, items, languages)
@@ -316,12 +359,14 @@ class Hub(Analysis):
             p = probs[:, members]  # (layers, members, languages)
             p_in = p[:, :, col[lang]].mean(axis=1) if lang in col else nan
             p_dom = p[:, :, dom].mean(axis=1) if dom is not None else nan
-            ent = entropy(p).mean(axis=1)
+            ent = entropy(p.mean(axis=1))  # of the group's language distribution p^l(z), as Fig. 4 reads it
+            item_ent = entropy(p).mean(axis=1)
             top = p.mean(axis=1).argmax(axis=-1)
             covered = mass[:, members].mean(axis=1)
             curves[(mod, lang)] = (p_in, p_dom)
             rows += [{"run": run, "modality": mod, "input_language": lang, "layer": layer, "items": len(members),
                       "p_input": p_in[li], f"p_{self.dominant}": p_dom[li], "entropy": ent[li],
+                      "item_entropy": item_ent[li],
                       "top_language": langs[int(top[li])], "table_mass": covered[li]}
                      for li, layer in enumerate(layers)]
         result.tables.append(Table(f"Lens language distribution p(language | h) per layer ({run})", rows,

@@ -8,6 +8,7 @@ import torch
 from helpers import stub_view
 from lalm_probe.core.data import Dataset, Stimulus
 from lalm_probe.core.errors import UserError
+from lalm_probe.core.model import Prompt
 from lalm_probe.core.plugin import Stores
 from lalm_probe.core.store import ActivationStore
 from lalm_probe.plugins.analyses.hub.measure import (
@@ -282,3 +283,56 @@ def test_the_default_token_table_comes_from_wordfreq_not_from_the_data(tmp_path)
     circular = Hub(similarity=False, corpus="dataset").analyze(view, other, Stores(baseline=store))
     assert circular.summary["token table: source"] == "dataset"
     assert circular.summary["token table: languages"] == ["en", "fr"]
+
+
+def test_the_language_distribution_averages_every_position_of_each_input(tmp_path):
+    """Seed 004 Fig. 4: p(z | h_t) averaged over the token positions t of each input (then over inputs), with the
+    entropy of that distribution; not one position per item."""
+    from lalm_probe.plugins.analyses.hub.measure import count_tokens, language_given_token
+
+    dataset, store, view = _planted(tmp_path)
+    ids = [it.id for it in dataset]
+    rng = np.random.default_rng(5)
+    lengths = rng.integers(2, 6, size=len(ids))
+    ragged = {}
+    for layer in range(N_LAYERS):
+        rows = []
+        for n, it in enumerate(dataset):
+            h = 0.1 * rng.normal(size=(lengths[n], D))
+            own = 0 if it.labels["language"] == "en" else 10
+            h[np.arange(lengths[n]), own + rng.integers(0, 10, size=lengths[n])] += 1.0
+            h[0, :20] = 0.0
+            h[0, 3] = 1.0  # every input's first position reads English
+            rows.append(h)
+        ragged[f"lm.{layer}.out@all"] = rows
+    s2 = ActivationStore(tmp_path / "ragged", {})
+    s2.add(ids, ragged)
+    s2.mark_complete()
+    hub = Hub(similarity=False, corpus="dataset", lens_position="all")
+    assert hub.requirements(view, dataset).positions == ["all"]
+    result = hub.analyze(view, dataset, Stores(baseline=s2))
+    assert result.summary["language lens position"] == "all"
+    p = result.arrays["baseline/language_lens/p_language"]  # (layers, items, languages)
+    langs, counts = count_tokens(LetterTokenizer(), hub.texts(dataset), 20)
+    table = language_given_token(counts)
+    for layer in (0, 3):
+        for n in (0, 7):
+            logits = ragged[f"lm.{layer}.out@all"][n] @ np.pad(8 * np.eye(20), ((0, 4), (0, 2)))
+            lens = np.exp(logits[:, :20]) / np.exp(logits[:, :20]).sum(1, keepdims=True)
+            np.testing.assert_allclose(p[layer, n], (lens @ table).mean(axis=0))  # mean over the positions
+    rows = next(t for t in result.tables if t.title.startswith("Lens language distribution")).rows
+    fr_text = next(r for r in rows if r["input_language"] == "fr" and r["modality"] == "text" and r["layer"] == 0)
+    members = [n for n, it in enumerate(dataset) if it.labels["language"] == "fr" and it.labels["modality"] == "text"]
+    group = p[0, members].mean(axis=0)
+    assert fr_text["entropy"] == pytest.approx(entropy(group)) and fr_text["p_en"] == pytest.approx(group[0])
+    assert 0.05 < fr_text["p_en"] < 0.5  # the English first position weighs in, the French rest dominates
+
+
+def test_a_prefix_label_is_the_start_of_the_models_answer(tmp_path):
+    dataset, _, view = _planted(tmp_path)
+    view.default_prompt = lambda it: Prompt(user="Transcribe.")
+    item = Stimulus("a", audio=np.zeros(160), sample_rate=16000, labels={"transcript": "Guten Tag", "language": "de"})
+    assert Hub(prefix="transcript").prompt(view, item) == Prompt(user="Transcribe.", assistant_prefix="Guten Tag")
+    assert Hub().prompt(view, item) == Prompt(user="Transcribe.")
+    with pytest.raises(UserError, match="has no label 'transcript'"):
+        Hub(prefix="transcript").check(dataset)
