@@ -12,6 +12,7 @@ p value over the runs of a group (Table III: critical layer vs accuracy across a
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 from pathlib import Path
@@ -29,8 +30,11 @@ from .spec import split_spec
 def load_runs(folders: Sequence[str | Path]) -> list[dict[str, Any]]:
     """Each finished run: its record and its summary (folders without a finished run are refused by name)."""
     runs = []
-    for folder in folders:
-        path = Path(folder)
+    paths = []
+    for folder in folders:  # a pattern (runs/s003-*) is expanded here too, for shells that do not
+        matches = sorted(glob.glob(str(folder))) if any(c in str(folder) for c in "*?[") else []
+        paths += [Path(m) for m in matches if Path(m).is_dir()] or [Path(folder)]
+    for path in paths:
         record = read_record(path) if path.is_dir() else None
         if record is None or record.get("status") != "complete" or not (path / "results.json").is_file():
             raise UserError(f"{path} is not a finished run folder (run.json complete, results.json).")

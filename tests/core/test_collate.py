@@ -67,8 +67,17 @@ def test_the_cli_prints_and_writes_the_table(tmp_path, capsys):
                  "--where", "attribute!=gender", "--out", str(out)])
     assert code == 0 and "pearson_r" in capsys.readouterr().out
     assert json.loads(out.read_text())["rows"][0]["runs"] == 9
+    assert main(["collate", str(tmp_path / "desta2-*"), "--by", "attribute", "--mean", "accuracy"]) == 0  # a pattern
+    assert "emotion" in capsys.readouterr().out
     assert main(["collate", str(folders[0]), "--mean", "nothing"]) == 2
     assert "no summary entry 'nothing'" in capsys.readouterr().err
     assert main(["collate", str(tmp_path / "missing"), "--mean", "accuracy"]) == 2
     with pytest.raises(UserError, match="no setting 'voice'"):
         collate(load_runs(folders), ["voice"], ["accuracy"], [])
+
+
+def test_a_json_object_parameter_keeps_its_commas():
+    from lalm_probe.core.spec import split_spec
+
+    name, params = split_spec('svcca:levels={"en":"high","de":"low"},equal_n=true')
+    assert name == "svcca" and params == {"levels": '{"en":"high","de":"low"}', "equal_n": "true"}
