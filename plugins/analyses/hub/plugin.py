@@ -158,10 +158,10 @@ class Hub(Analysis):
         result = Result(summary={"stack": stack, "position": position, "language lens": lens})
         if lens:
             result.summary["language lens position"] = lens_at or position
-        if model.resolved[stack].final_norm is not None:
-            result.notes.append(f"The last layer ({layers[-1]}) is read after '{stack}''s final norm, for the cosine "
-                                "and for the lens alike, as HF's hidden_states[-1] (what the semantic-hub code "
-                                "reads) is; the other layers are block outputs.")
+        if model.resolved[stack].final_norm is not None and (self.similarity or lens):
+            result.notes.append(f"The last layer ({layers[-1]}) is read after '{stack}''s final norm, as HF's "
+                                "hidden_states[-1] (what the semantic-hub code reads) is; the other layers are block "
+                                "outputs.")
         if lens:
             result.summary["lens final norm"] = self.norm
         elif self.language_lens is None:
@@ -299,7 +299,8 @@ class Hub(Analysis):
             raise UserError(f"hub: the token-language table needs text in at least two languages; found "
                             f"{', '.join(langs) or 'none'}. Use corpus=wordfreq, corpus=builtin or corpus=<file>.")
         result.summary["token table: languages"] = langs
-        result.summary["token table: tokens counted"] = float(counts.sum())
+        result.summary["token table: " + ("tokens counted" if self.corpus != "wordfreq" else
+                                          "frequency-weighted tokens")] = float(counts.sum())
         result.arrays["token_table/counts_per_language"] = counts.sum(axis=0)
         if _column(langs, self.dominant) is None:
             result.notes.append(f"The dominant language '{self.dominant}' is not in the token table, "
