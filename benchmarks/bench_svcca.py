@@ -71,7 +71,7 @@ def run_probe(data: list[tuple[np.ndarray, np.ndarray]], permutations: int) -> t
     scores = []
     for x, y in data:
         r = svcca(x, y, VARIANCE, EPSILON, permutations=permutations, seed=0)
-        scores.append((r.similarity, r.baseline))
+        scores.append((r.similarity, r.shuffled))
     return time.perf_counter() - start, scores
 
 

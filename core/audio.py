@@ -63,6 +63,9 @@ def _decode(item: Stimulus, rate: int | None) -> tuple[np.ndarray, int]:
         raise UserError(f"Item '{item.id}': {where} holds no samples.")
     if not np.all(np.isfinite(wav)):
         raise UserError(f"Item '{item.id}': {where} contains NaN or infinite samples.")
+    if item.normalize == "peak":  # the clip as the model gets it, scaled into [-1, 1]
+        peak = float(np.max(np.abs(wav)))
+        wav = wav / peak if peak > 0 else wav
     return wav.astype(np.float32, copy=False), int(rate)
 
 

@@ -5,6 +5,11 @@ user turn holds an audio placeholder; the processor renders the template, expand
 audio frame and pads the batch. :class:`AudioLM` does all of that from declarations, so a plugin for such a family
 states its classes, stacks and placeholder and writes only :meth:`AudioLM.audio_positions` (where a clip's valid
 frames sit on the audio encoder's time axis).
+
+Every such model takes the option ``chat_template`` (default true). ``--model NAME:chat_template=false`` feeds the
+input without the template: the clip's placeholder (with the markers the template puts around it), then the text,
+then the assistant prefix, so the last position is the last token of the input itself (seed 000 reads "the last
+token of an input"; the template would make it the assistant header's).
 """
 
 from __future__ import annotations
@@ -24,8 +29,21 @@ class AudioLM(ModelPlugin):
 
     lens_stack = "lm"
     padding_side = "left"
+    option_defaults: ClassVar[dict[str, Any]] = {"chat_template": True}
     pass_position_ids: ClassVar[bool] = True  # mask-derived position ids, so a padded row sees its own positions
     audio_kwarg: ClassVar[str] = "audio"  # the processor's keyword for the clips
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every subclass takes ``chat_template`` beside its own options."""
+        super().__init_subclass__(**kwargs)
+        cls.option_defaults = {"chat_template": True, **cls.option_defaults}
+
+    def configure(self, **options: Any) -> "AudioLM":
+        super().configure(**options)
+        if not self.options["chat_template"] and type(self).render is not AudioLM.render:
+            raise UserError(f"Model '{self.name}' builds its own input format, so chat_template=false cannot "
+                            "drop the template here.")
+        return self
 
     def conversation(self, item: Stimulus, prompt: Prompt) -> list[dict[str, Any]]:
         """The chat turns for one item: the audio (or the item's text in its place), then the user's text."""
@@ -47,11 +65,46 @@ class AudioLM(ModelPlugin):
         return "\n".join(t for t in (item.text, prompt.user) if t) or None
 
     def render(self, item: Stimulus, prompt: Prompt) -> str:
-        """The chat template as text; an assistant prefix is continued rather than closed."""
+        """The chat template as text; an assistant prefix is continued rather than closed. With
+        ``chat_template=false``: the raw input (:meth:`raw_text`)."""
+        if not self.options.get("chat_template", True):
+            return self.raw_text(item, prompt)
         conv = self.conversation(item, prompt)
         if prompt.assistant_prefix:
             return self.processor.apply_chat_template(conv, tokenize=False, continue_final_message=True)
         return self.processor.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+
+    def raw_text(self, item: Stimulus, prompt: Prompt) -> str:
+        """The input without a chat template: the clip's placeholder markup, the user text, the assistant prefix
+        (the tokenizer adds what it always adds, e.g. a BOS token)."""
+        text = " ".join(t for t in (self.user_text(item, prompt), prompt.assistant_prefix) if t)
+        return (self.audio_markup() if item.has_audio else "") + text
+
+    def audio_markup(self) -> str:
+        """The text the chat template writes for one clip: the placeholder with the audio markers around it
+        (``<|audio_bos|><|AUDIO|><|audio_eos|>``), read off the template itself so no plugin declares it."""
+        if getattr(self, "_markup", None) is None:
+            probe = Stimulus("markup", audio=np.zeros(1, dtype=np.float32), sample_rate=self.sample_rate)
+            conv = self.conversation(probe, Prompt())
+            text = self.processor.apply_chat_template(conv, tokenize=False, add_generation_prompt=False)
+            at = text.find(self.audio_token or "\0")
+            if at < 0:
+                raise UserError(f"Model '{self.name}': its chat template writes no '{self.audio_token}' for a clip, "
+                                "so the raw input cannot be built.")
+            start, end = at, at + len(self.audio_token)
+            added = getattr(self.tokenizer, "added_tokens_decoder", {}) or {}
+            markers = [m for m in (getattr(t, "content", str(t)) for t in added.values())
+                       if m and ("audio" in m.lower() or "sound" in m.lower()) and m != self.audio_token]
+            grown = True
+            while grown:
+                grown = False
+                for m in markers:
+                    if text.startswith(m, end):
+                        end, grown = end + len(m), True
+                    if text[:start].endswith(m):
+                        start, grown = start - len(m), True
+            self._markup = text[start:end]
+        return self._markup
 
     def encode(self, texts: list[str], clips: list[np.ndarray]) -> dict[str, Any]:
         """The processor call: tokens with expanded placeholders, features, masks. A template that writes the BOS

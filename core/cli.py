@@ -1,4 +1,5 @@
-"""The ``probe`` command line: ``list``, ``info``, ``check``, ``run`` and the ``data`` subcommands plugins contribute.
+"""The ``probe`` command line: ``list``, ``info``, ``check``, ``run``, ``analyze``, ``collate`` and the ``data``
+subcommands plugins contribute.
 
 User errors print one line and exit with status 2; no traceback. Anything else is a bug and keeps its traceback.
 """
@@ -213,6 +214,20 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_collate(args: argparse.Namespace) -> int:
+    from .collate import collate, load_runs, write
+
+    split = lambda v: [x.strip() for x in (v or "").split(",") if x.strip()]  # noqa: E731
+    rows = collate(load_runs(args.run_dirs), split(args.by), split(args.mean), split(args.correlate),
+                   args.where or [])
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    show_table(f"{len(args.run_dirs)} runs", columns, [[fmt(row.get(c, "")) for c in columns] for row in rows])
+    if args.out:
+        console.print(f"Written to [bold]{write(rows, args.out)}[/bold]", soft_wrap=True)
+    return 0
+
+
 def _version() -> str:
     try:
         return metadata.version("lalm-probe")
@@ -273,6 +288,16 @@ def build_parser(registry: Registry | None = None) -> argparse.ArgumentParser:
     analyze.add_argument("run_dir", help="a run folder written by `probe run`")
     analyze.add_argument("--analysis", required=True, help="NAME, NAME:key=value,... or a JSON spec file")
     analyze.set_defaults(func=cmd_analyze)
+
+    collate = sub.add_parser("collate", help="one table over several run folders: means per group (--mean) and "
+                             "Pearson r between two summary values (--correlate), e.g. AudioLens Tables II and III")
+    collate.add_argument("run_dirs", nargs="+", help="finished run folders")
+    collate.add_argument("--by", help="settings that group the runs, e.g. model,attribute")
+    collate.add_argument("--mean", help="summary values to average per group, e.g. critical_layer,accuracy")
+    collate.add_argument("--correlate", help="two summary values to correlate per group, e.g. critical_layer,accuracy")
+    collate.add_argument("--where", action="append", help="keep runs with name=value or name!=value (repeatable)")
+    collate.add_argument("--out", help="also write the rows to this JSON file")
+    collate.set_defaults(func=cmd_collate)
 
     data = sub.add_parser("data", help="build datasets").add_subparsers(dest="data_command", required=True)
     if registry is not None:

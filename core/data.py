@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -29,6 +29,7 @@ class Stimulus:
     text: str | None = None
     labels: dict[str, Any] = field(default_factory=dict)
     prompt: str | None = None
+    normalize: str | None = None  # "peak": audio scaled to a peak of 1, i.e. into [-1, 1] (seed 000, Fig. 7)
 
     @property
     def has_audio(self) -> bool:
@@ -38,6 +39,8 @@ class Stimulus:
         """A content hash so a store can tell whether it was collected from the same data."""
         h = hashlib.sha256()
         h.update(json.dumps([self.id, self.text, self.prompt, self.labels], sort_keys=True, default=str).encode())
+        if self.normalize:  # only when set, so existing stores keep their fingerprints
+            h.update(f"normalize={self.normalize}".encode())
         if isinstance(self.audio, np.ndarray):
             h.update(np.ascontiguousarray(self.audio, dtype=np.float32).tobytes())
             h.update(str(self.sample_rate).encode())
@@ -174,10 +177,64 @@ def write_manifest(dataset: Dataset, path: str | Path) -> Path:
 DatasetSource = Callable[[str], Dataset]
 
 
+# Options every dataset takes after its own, in the same query string: ``?where=gender:female&normalize=peak``.
+GENERIC_OPTIONS = ("where", "normalize")
+NORMALIZE = ("peak",)
+
+
+def split_generic(spec: str) -> tuple[str, dict[str, str]]:
+    """``spec`` without the options every dataset takes (``where``, ``normalize``), and those options."""
+    head, q, query = spec.partition("?")
+    if not q:
+        return spec, {}
+    keep, opts = [], {}
+    for part in filter(None, query.split("&")):
+        key, _, value = part.partition("=")
+        if key.strip() in GENERIC_OPTIONS:
+            opts[key.strip()] = value.strip()
+        else:
+            keep.append(part)
+    return head + ("?" + "&".join(keep) if keep else ""), opts
+
+
+def select_where(dataset: Dataset, where: str) -> Dataset:
+    """Items whose labels match every ``key:value`` of ``where`` (comma-separated; ``key:a|b`` takes either),
+    e.g. ``gender:female,accent:us``: one gender within one accent."""
+    conditions: dict[str, set[str]] = {}
+    for part in filter(None, (p.strip() for p in where.split(","))):
+        key, colon, values = part.partition(":")
+        if not colon or not key.strip() or not values.strip():
+            raise UserError(f"where: expected key:value (e.g. where=gender:female,accent:us), got '{part}'.")
+        conditions.setdefault(key.strip(), set()).update(v.strip() for v in values.split("|"))
+    if not conditions:
+        raise UserError("where: expected key:value pairs, e.g. where=gender:female,accent:us.")
+    kept = [it for it in dataset if all(str(it.labels.get(k)) in v and k in it.labels for k, v in conditions.items())]
+    if not kept:
+        seen = {k: sorted({str(it.labels[k]) for it in dataset if k in it.labels}) for k in conditions}
+        have = "; ".join(f"{k}: {', '.join(v[:12]) or 'no item has it'}" for k, v in seen.items())
+        raise UserError(f"where={where} matches none of the {len(dataset)} items ({have}).")
+    return Dataset(kept, name=dataset.name)
+
+
 def resolve_dataset(spec: str | Path, sources: dict[str, DatasetSource] | None = None) -> Dataset:
-    """Turn a ``--data`` argument into a dataset: a manifest path, or ``scheme:argument`` for a named source."""
-    spec = str(spec)
-    sources = sources or {}
+    """Turn a ``--data`` argument into a dataset: a manifest path, or ``scheme:argument`` for a named source.
+
+    Any of them takes ``?where=key:value,...`` (items whose labels match) and ``?normalize=peak`` (audio scaled
+    to [-1, 1] when decoded) after its own options.
+    """
+    spec, generic = split_generic(str(spec))
+    dataset = _resolve(spec, sources or {})
+    if "where" in generic:
+        dataset = select_where(dataset, generic["where"])
+    if "normalize" in generic:
+        if generic["normalize"] not in NORMALIZE:
+            raise UserError(f"normalize must be one of {', '.join(NORMALIZE)}, got '{generic['normalize']}'.")
+        dataset = Dataset([replace(it, normalize=generic["normalize"]) if it.has_audio else it for it in dataset],
+                          name=dataset.name)
+    return dataset
+
+
+def _resolve(spec: str, sources: dict[str, DatasetSource]) -> Dataset:
     if ":" in spec and not Path(spec).exists():
         scheme, _, arg = spec.partition(":")
         if len(scheme) > 1:  # not a Windows drive letter

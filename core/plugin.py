@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .store import ActivationStore
     from .view import ModelView
 
-__all__ = ["Analysis", "Calibration", "Edit", "Intervention", "Reads", "Requirements", "Stores"]
+__all__ = ["Analysis", "Calibration", "Edit", "Intervention", "Reads", "Requirements", "Stores", "VariantRun"]
 
 
 @dataclass
@@ -57,22 +57,36 @@ class Requirements:
 
 
 @dataclass
+class VariantRun:
+    """What one variant of a sweep collected (:mod:`~lalm_probe.core.sweep`): its name (``scale=0.5, seed=1``),
+    the swept values, its activations and outputs."""
+
+    name: str
+    params: dict[str, Any]
+    store: "ActivationStore | None" = None
+    outputs: "OutputStore | None" = None
+
+
+@dataclass
 class Stores:
     """What a run collected: activations and outputs without interventions (``baseline``) and with them
-    (``intervened``). Under ``--no-baseline`` only the intervened ones exist."""
+    (``intervened``), or, when intervention parameters are swept, with each setting (``variants``). Under
+    ``--no-baseline`` only the intervened ones exist."""
 
     baseline: "ActivationStore | None" = None
     intervened: "ActivationStore | None" = None
     baseline_outputs: "OutputStore | None" = None
     intervened_outputs: "OutputStore | None" = None
+    variants: list[VariantRun] = field(default_factory=list)
 
     def activations(self) -> list[tuple[str, "ActivationStore"]]:
-        """``(name, store)`` for each collected activation store, baseline first."""
-        return [(n, s) for n, s in (("baseline", self.baseline), ("intervened", self.intervened)) if s is not None]
+        """``(name, store)`` for each collected activation store: baseline, intervened, then each variant."""
+        return [(n, s) for n, s in (("baseline", self.baseline), ("intervened", self.intervened), *(
+            (v.name, v.store) for v in self.variants)) if s is not None]
 
     def outputs(self) -> list[tuple[str, "OutputStore"]]:
-        return [(n, s) for n, s in (("baseline", self.baseline_outputs), ("intervened", self.intervened_outputs))
-                if s is not None]
+        return [(n, s) for n, s in (("baseline", self.baseline_outputs), ("intervened", self.intervened_outputs), *(
+            (v.name, v.outputs) for v in self.variants)) if s is not None]
 
 
 @dataclass

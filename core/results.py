@@ -100,7 +100,12 @@ def report(record: dict[str, Any], result: Result, where: Path) -> str:
              f"- checkpoint: {cfg.get('checkpoint') or 'default'}",
              f"- data: {cfg.get('data') or 'default'} ({record['dataset'].get('evaluated_items')} items)",
              f"- analysis: `{json.dumps(record['analysis']['params'], default=str)}`",
-             f"- interventions: `{json.dumps(record.get('interventions', []), default=str)}`", "", "## Summary", ""]
+             f"- interventions: `{json.dumps(record.get('interventions', []), default=str)}`"]
+    if "sweep" in record:
+        sweep = record["sweep"]
+        lines.append(f"- sweep: {len(sweep['variants'])} variants over {', '.join(sweep['params'])} (their resolved "
+                     "interventions are in run.json)")
+    lines += ["", "## Summary", ""]
     lines += [f"- **{k}**: {_fmt(v) if not isinstance(v, str) else v}" for k, v in result.to_json()["summary"].items()]
     for table in result.tables:
         if not table.show or not table.rows:

@@ -30,13 +30,14 @@ from .data import Dataset, resolve_dataset
 from .engine import Session
 from .errors import UserError
 from .outputs import OutputStore
-from .plugin import Analysis, Intervention, Stores
+from .plugin import Analysis, Intervention, Stores, VariantRun
 from .registry import Registry
 from .results import Result, render, report, write_result
 from .rundir import differing_setting, locked, make_folder, read_record, write_record
 from .spec import build_params, spec_to_json, split_spec
 from .steps import step_of
 from .store import ActivationStore
+from .sweep import Variant, edits_key, expand
 from .threads import analysis_threads
 
 DEFAULT_DATA = "synth:demo"  # 4 sentences x 7 languages, one voice: a first run in about a minute
@@ -145,13 +146,14 @@ class Pipeline:
         return dataset
 
     def calibrate(self, interventions: list[Intervention], analysis: Analysis, dataset: Dataset) -> Dataset:
-        """Collect each intervention's calibration data into its own store and let it resolve its parameters."""
-        for n, iv in enumerate(interventions):
+        """Collect each intervention's calibration data and let it resolve its parameters. Calibrations collect
+        without edits, so they share one store (the variants of a sweep calibrate on the same rows)."""
+        for iv in interventions:
             calibration = iv.calibration(self.view, dataset, analysis)
             if calibration is None:
                 continue
             prompt_fn = lambda it: analysis.prompt(self.view, it)  # noqa: E731
-            identity = _identity(self.cfg, self.checkpoint, f"calibration{n}", [spec_to_json(iv)],
+            identity = _identity(self.cfg, self.checkpoint, "calibration", [],
                                  _prompts_key(analysis, self.view, calibration.items), None)
             store = collect(self.session, calibration.items, calibration.requirements.reads(),
                             _store(self.out, identity, self.cfg.store_dtype), batch_size=self.cfg.batch_size,
@@ -160,8 +162,9 @@ class Pipeline:
             dataset = calibration.evaluate
         return dataset
 
-    def collect(self, analysis: Analysis, dataset: Dataset, interventions: list[Intervention]) -> Stores:
-        """Baseline and intervened activations (and outputs) for what the analysis requires."""
+    def collect(self, analysis: Analysis, dataset: Dataset, variants: list[Variant]) -> Stores:
+        """Baseline and intervened activations (and outputs) for what the analysis requires; with a sweep (several
+        variants), one intervened collection per distinct set of edits, handed over as ``Stores.variants``."""
         req = analysis.requirements(self.view, dataset)
         for key in req.labels:
             dataset.label_values(key)  # every item must carry the labels before any model time is spent
@@ -169,32 +172,57 @@ class Pipeline:
         if self.cfg.force_target and not steps:
             raise UserError(f"--force-target forces the decoded prefix for step:/prefix: reads, and analysis "
                             f"'{analysis.name}' reads none; drop it (or read decode steps).")
-        edits = [e for iv in interventions for e in iv.edits(self.view)]
-        force_target = self.cfg.force_target or req.force_target
-        prompt_fn = lambda it: analysis.prompt(self.view, it)  # noqa: E731
-        prompts = _prompts_key(analysis, self.view, dataset)
+        self._force_target = self.cfg.force_target or req.force_target
+        self._prompts = _prompts_key(analysis, self.view, dataset)
+        edits = [[e for iv in v.interventions for e in iv.edits(self.view)] for v in variants]
         stores = Stores()
-        roles = ([("baseline", [])] if self.cfg.baseline or not edits else []) + ([("intervened", edits)] if edits
-                                                                                 else [])
-        for role, role_edits in roles:
-            specs = [spec_to_json(iv) for iv in interventions] if role_edits else []
-            if req.reads():
-                store = _store(self.out, _identity(self.cfg, self.checkpoint, role, specs, prompts, force_target),
-                               self.cfg.store_dtype)
-                self.record.setdefault("stores", {})[role] = str(store.root.relative_to(self.out))
-                if self.shard[1] > 1:
-                    store = store.part(*self.shard)
-                collect(self.session, dataset, req.reads(), store, batch_size=self.cfg.batch_size, edits=role_edits,
-                        prompt_fn=prompt_fn, force_target=force_target, shard=self.shard,
-                        description=f"Collecting ({role})")
-                setattr(stores, role, store)
-            if req.generate and self.shard[1] == 1:
-                main = role == "intervened" or not edits  # outputs.jsonl holds what this run's settings produced
-                path = self.out / ("outputs.jsonl" if main else "baseline_outputs.jsonl")
-                setattr(stores, f"{role}_outputs", write_outputs(
-                    self.session, dataset, OutputStore(path), req.generate, batch_size=self.cfg.batch_size,
-                    edits=role_edits, prompt_fn=prompt_fn, description=f"Generating ({role})"))
+        if self.cfg.baseline or not any(edits):
+            stores.baseline, stores.baseline_outputs = self._collect_role(
+                analysis, dataset, req, "baseline", [], [], any(edits))
+        if len(variants) == 1 and edits[0]:
+            specs = [spec_to_json(iv) for iv in variants[0].interventions]
+            stores.intervened, stores.intervened_outputs = self._collect_role(
+                analysis, dataset, req, "intervened", edits[0], specs, False)
+        elif len(variants) > 1:
+            done: dict[str, tuple] = {}
+            for v, v_edits in zip(variants, edits):
+                key = edits_key(v_edits)
+                if key not in done:  # variants that edit identically (a seed the method ignores) share a store
+                    specs = [spec_to_json(iv) for iv in v.interventions]
+                    done[key] = self._collect_role(analysis, dataset, req, "intervened", v_edits, specs, False,
+                                                   variant=v.name)
+                stores.variants.append(VariantRun(v.name, v.params, *done[key]))
         return stores
+
+    def _collect_role(self, analysis: Analysis, dataset: Dataset, req: Any, role: str, edits: list[Any],
+                      specs: list[Any], intervened_too: bool, variant: str | None = None) -> tuple[Any, Any]:
+        """One collection (activations and, if required, outputs) under ``edits``."""
+        prompt_fn = lambda it: analysis.prompt(self.view, it)  # noqa: E731
+        store = outputs = None
+        if req.reads():
+            store = _store(self.out, _identity(self.cfg, self.checkpoint, role, specs, self._prompts,
+                                               self._force_target), self.cfg.store_dtype)
+            where = str(store.root.relative_to(self.out))
+            if variant is None:
+                self.record.setdefault("stores", {})[role] = where
+            else:
+                self.record.setdefault("stores", {}).setdefault("variants", {})[variant] = where
+            if self.shard[1] > 1:
+                store = store.part(*self.shard)
+            collect(self.session, dataset, req.reads(), store, batch_size=self.cfg.batch_size, edits=edits,
+                    prompt_fn=prompt_fn, force_target=self._force_target, shard=self.shard,
+                    description=f"Collecting ({variant or role})")
+        if req.generate and self.shard[1] == 1:
+            if variant is not None:
+                path = self.out / "outputs" / f"{_slug(variant)}.jsonl"
+                path.parent.mkdir(exist_ok=True)
+            else:  # outputs.jsonl holds what this run's settings produced
+                path = self.out / ("baseline_outputs.jsonl" if role == "baseline" and intervened_too
+                                   else "outputs.jsonl")
+            outputs = write_outputs(self.session, dataset, OutputStore(path), req.generate,
+                                    batch_size=self.cfg.batch_size, edits=edits, prompt_fn=prompt_fn,
+                                    description=f"Generating ({variant or role})")
+        return store, outputs
 
     def analyze(self, analysis: Analysis, dataset: Dataset, stores: Stores, where: Path) -> tuple[Result, list[Path]]:
         with analysis_threads():  # t-SNE and SVD crawl when BLAS threads fight over a small machine
@@ -205,6 +233,36 @@ class Pipeline:
         written = write_result(result, where)
         (where / "report.md").write_text(report(self.record, result, where), encoding="utf-8")
         return result, written + [where / "report.md"]
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in text.replace(", ", "_"))[:120]
+
+
+def _calibrate_variants(pipe: Pipeline, variants: list[Variant], analysis: Analysis, dataset: Dataset) -> Dataset:
+    """Calibrate every variant; all must evaluate the same items (the method and its baselines are compared on
+    one evaluation set)."""
+    evaluated = None
+    for v in variants:
+        out = pipe.calibrate(v.interventions, analysis, dataset)
+        if evaluated is None:
+            evaluated = out
+        elif [it.id for it in out] != [it.id for it in evaluated]:
+            raise UserError(f"The variants of this sweep evaluate different items ('{variants[0].name}' and "
+                            f"'{v.name}'); sweep only parameters that keep the evaluation items the same.")
+    return evaluated if evaluated is not None else dataset
+
+
+def _record_variants(record: dict[str, Any], variants: list[Variant]) -> None:
+    """The resolved specs: one list for a plain run, one per variant for a sweep (so ``probe analyze`` reuses
+    each variant's calibration and store)."""
+    if len(variants) == 1:
+        record["interventions"] = [spec_to_json(iv) for iv in variants[0].interventions]
+        return
+    record["interventions"] = []
+    record["sweep"] = {"params": list(variants[0].params), "variants": [
+        {"name": v.name, "params": v.params, "interventions": [spec_to_json(iv) for iv in v.interventions]}
+        for v in variants]}
 
 
 def _seed(seed: int) -> None:
@@ -228,10 +286,10 @@ def execute(cfg: RunConfig, registry: Registry, console: Any) -> tuple[Path, Res
     model_name = split_spec(cfg.model)[0]
     registry.get("model", model_name)
     analysis = build_spec(registry, "analysis", cfg.analysis)
-    interventions = [build_spec(registry, "intervention", s) for s in cfg.interventions]
+    variants = expand(registry, cfg.interventions)
     dataset = resolve_dataset(cfg.data or DEFAULT_DATA, registry.dataset_sources())
     analysis.check(dataset)
-    for iv in interventions:
+    for iv in variants[0].interventions:
         iv.check(dataset, analysis)
     seconds = check_audio(dataset)  # every clip decodes, before any model time is spent
     k, n = shard_of(cfg.shard)
@@ -249,10 +307,10 @@ def execute(cfg: RunConfig, registry: Registry, console: Any) -> tuple[Path, Res
         try:
             pipe = Pipeline(cfg, _load(cfg, registry, console), out, record, console)
             dataset = pipe.usable(dataset, seconds)
-            dataset = pipe.calibrate(interventions, analysis, dataset)
-            record["interventions"] = [spec_to_json(iv) for iv in interventions]  # calibrated values included
+            dataset = _calibrate_variants(pipe, variants, analysis, dataset)
+            _record_variants(record, variants)  # calibrated values included
             record["dataset"].update({"evaluated_items": len(dataset), "ids": [it.id for it in dataset]})
-            stores = pipe.collect(analysis, dataset, interventions)
+            stores = pipe.collect(analysis, dataset, variants)
             if n > 1:
                 console.print(f"Shard {k}/{n} collected into {out}. When every shard is done, run the same command "
                               "without --shard to merge and analyse.", soft_wrap=True)
@@ -282,7 +340,11 @@ def analyze_run(run_dir: Path, spec: str, registry: Registry, console: Any) -> t
     cfg = RunConfig(**old["config"])
     _seed(cfg.seed)
     analysis = build_spec(registry, "analysis", spec)
-    interventions = [build_spec(registry, "intervention", s) for s in old.get("interventions", [])]
+    if "sweep" in old:  # each variant as it was resolved (its calibration is not repeated)
+        variants = [Variant(v["name"], v["params"], [build_spec(registry, "intervention", s) for s in
+                                                     v["interventions"]]) for v in old["sweep"]["variants"]]
+    else:
+        variants = [Variant("", {}, [build_spec(registry, "intervention", s) for s in old.get("interventions", [])])]
     full = {it.id: it for it in resolve_dataset(cfg.data or DEFAULT_DATA, registry.dataset_sources())}
     missing = [i for i in old["dataset"]["ids"] if i not in full]
     if missing:
@@ -292,7 +354,7 @@ def analyze_run(run_dir: Path, spec: str, registry: Registry, console: Any) -> t
     with locked(run_dir):
         record = dict(old)
         pipe = Pipeline(cfg, _load(cfg, registry, console), run_dir, record, console)
-        stores = pipe.collect(analysis, dataset, interventions)
+        stores = pipe.collect(analysis, dataset, variants)
         used, record["stores"] = record.get("stores"), old.get("stores")  # the run's own stores stay its record
         slug = analysis.name
         n = 1

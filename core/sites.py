@@ -7,7 +7,8 @@ from each row's metadata, never by counting from the left of a padded batch:
 - ``last``: the last valid position; ``mean``: mean over valid positions;
 - ``audio`` / ``text`` (or any span the plugin reports): mean over that span;
 - ``token:<i>``: the i-th valid position, negative counts from the end (``token:-2`` is the penultimate);
-- ``all``: every valid position (variable length; for live use, not for the store);
+- ``all``: every valid position (variable length; stored as a ragged key); ``all:<span>``: every position of a
+  span (``all:text``: each token of the text, the positions seed 004's language distribution averages over);
 - ``step:<t>``: during generation, the current position at decode step t (step 1 is the prompt pass, which
   predicts the first new token; seed 002's definition); ``prefix:<t>``: the mean over every decoder position
   up to and including that one (what seed 002's released code pools). Only for stacks that run per step.
@@ -88,10 +89,11 @@ def check_position(selector: str) -> str:
         except ValueError:
             raise UserError(f"Position '{selector}': expected 'token:<integer>'.") from None
         return selector
-    if selector.replace("_", "").isalnum():
-        return selector  # a span name; checked per row
-    raise UserError(f"Unknown position '{selector}'. Use last, mean, all, token:<i>, step:<t>, prefix:<t> "
-                    "or a span name (audio, text).")
+    span = selector[4:] if selector.startswith("all:") else selector
+    if span.replace("_", "").isalnum():
+        return selector  # a span name (or every position of one); checked per row
+    raise UserError(f"Unknown position '{selector}'. Use last, mean, all, all:<span>, token:<i>, step:<t>, "
+                    "prefix:<t> or a span name (audio, text).")
 
 
 def row_range(pos: Positions, selector: str, row_id: str) -> tuple[int, int] | int:
@@ -106,6 +108,7 @@ def row_range(pos: Positions, selector: str, row_id: str) -> tuple[int, int] | i
             raise UserError(f"Position '{selector}' is out of range for item '{row_id}' "
                             f"({pos.length} positions).")
         return pos.offset + (i % pos.length)
+    selector = selector[4:] if selector.startswith("all:") else selector
     if selector not in pos.spans:
         raise UserError(f"Item '{row_id}' has no '{selector}' span (it has: {', '.join(pos.spans) or 'none'}).")
     s, e = pos.spans[selector]
@@ -128,7 +131,7 @@ class Reducer:
             if hi >= time_len:
                 raise UserError(f"Item '{rid}': position {hi} is past the sequence length {time_len}.")
         self.ranges = ranges
-        if selector == "all":
+        if selector == "all" or selector.startswith("all:"):
             self.kind = "all"
         elif all(isinstance(r, int) for r in ranges):
             self.kind = "index"

@@ -42,11 +42,11 @@ def split_spec(text: str) -> tuple[str, dict[str, Any]]:
 
 
 def _split_top(text: str) -> list[str]:
-    """Split on commas that separate parameters; a comma inside [...] belongs to a list value."""
+    """Split on commas that separate parameters; a comma inside [...] or {...} belongs to a list or object value."""
     parts, depth, cur = [], 0, ""
     for ch in text:
-        depth += ch == "["
-        depth -= ch == "]"
+        depth += ch in "[{"
+        depth -= ch in "]}"
         if ch == "," and depth == 0:
             parts.append(cur)
             cur = ""

@@ -88,6 +88,21 @@ class ModelView:
                 h = model.get_submodule(st.final_norm)(h)
             return model.get_submodule(st.unembed)(h).float()
 
+    def final_norm(self, hidden: torch.Tensor | np.ndarray, stack: str) -> np.ndarray:
+        """``norm(h)`` through a stack's final norm (``h`` unchanged on a stack without one), as float64.
+
+        HF's ``hidden_states[-1]`` (what the semantic-hub code reads as the last layer) is the last block's output
+        after this norm; ``<stack>.<L-1>.out`` is before it.
+        """
+        st = self.resolved[stack]
+        x = hidden if isinstance(hidden, torch.Tensor) else torch.as_tensor(np.asarray(hidden))
+        if st.final_norm is None:
+            return x.double().cpu().numpy()
+        model = self._plugin.model
+        with torch.no_grad():
+            out = model.get_submodule(st.final_norm)(x.to(self._plugin.device, dtype=next(model.parameters()).dtype))
+        return out.double().cpu().numpy()
+
     def decode_tokens(self, ids: Any) -> list[str]:
         """Token ids as readable text (byte-level BPE pieces decoded, not shown as ``ĠÐ¸``)."""
         return [self.tokenizer.decode([int(i)]) for i in np.asarray(ids).reshape(-1)]

@@ -104,9 +104,14 @@ def load_fleurs(arg: str) -> Dataset:
 
     The numeric id names the FLoRes sentence, so it becomes ``semantic_id``: FLEURS is n-way parallel.
     Options: split (train/dev/test, comma list; default test), languages (en_us or en), text (add one text
-    item per sentence and language), limit.
+    item per sentence and language), transcription (the text items' text: ``normalized``, the default, as Lee et
+    al. use it (seed 001 App. C), or ``raw``), limit. Speech items carry both: ``transcript`` (raw) and
+    ``transcript_normalized``.
     """
-    root, opts = _parse(arg, "fleurs", ["split", "languages", "text"])
+    root, opts = _parse(arg, "fleurs", ["split", "languages", "text", "transcription"])
+    which = opts.get("transcription", "normalized")
+    if which not in ("normalized", "raw"):
+        raise UserError(f"fleurs: transcription must be normalized or raw, got '{which}'.")
     base = root / "data" if (root / "data").is_dir() else root
     has_tsv = lambda d: any((d / f"{s}.tsv").is_file() for s in ("train", "dev", "test"))  # noqa: E731
     lang_dirs = [base] if has_tsv(base) else sorted(d for d in base.iterdir() if d.is_dir() and has_tsv(d))
@@ -127,13 +132,13 @@ def load_fleurs(arg: str) -> Dataset:
     texts: dict[tuple[str, str], Stimulus] = {}
     for d in lang_dirs:
         for split in splits:
-            items.extend(_fleurs_split(d, split, root, texts))
+            items.extend(_fleurs_split(d, split, root, texts, which == "raw"))
     if _flag(opts, "text"):
         items.extend(texts.values())
     return _finish(items, opts, "fleurs", root)
 
 
-def _fleurs_split(lang_dir: Path, split: str, root: Path, texts: dict) -> Iterator[Stimulus]:
+def _fleurs_split(lang_dir: Path, split: str, root: Path, texts: dict, raw_text: bool) -> Iterator[Stimulus]:
     tsv = lang_dir / f"{split}.tsv"
     if not tsv.is_file():
         return
@@ -148,17 +153,19 @@ def _fleurs_split(lang_dir: Path, split: str, root: Path, texts: dict) -> Iterat
         if len(cols) != 7 or not cols[0].isdigit():
             raise UserError(f"{tsv}, line {n}: expected 7 tab-separated FLEURS columns (id, file, raw "
                             f"transcription, transcription, characters, num_samples, gender); got {len(cols)}.")
-        sid, fname, raw, _, _, _, gender = cols
+        sid, fname, raw, normalized, _, _, gender = cols
         path = audio_dir / fname
         if not path.is_file():
             missing += 1
             continue
         labels: dict[str, Any] = {"semantic_id": f"fleurs-{sid}", "language": label_code(locale), "locale": locale,
-                                  "modality": "speech", "split": split, "transcript": raw}
+                                  "modality": "speech", "split": split, "transcript": raw,
+                                  "transcript_normalized": normalized}
         if _gender(gender):
             labels["gender"] = _gender(gender)
         yield Stimulus(id=f"fleurs-{locale}-{split}-{Path(fname).stem}", audio=path, labels=labels)
-        texts.setdefault((locale, sid), Stimulus(id=f"fleurs-{locale}-{sid}-text", text=raw, labels={
+        texts.setdefault((locale, sid), Stimulus(id=f"fleurs-{locale}-{sid}-text", text=raw if raw_text else normalized,
+                                                 labels={
             "semantic_id": f"fleurs-{sid}", "language": label_code(locale), "locale": locale, "modality": "text"}))
     if missing:
         warnings.warn(f"fleurs: {missing} rows of {tsv} have no audio in {audio_dir}; they were skipped.")

@@ -3,7 +3,8 @@
 ``l`` is given, or chosen as the paper does: on a probing split (100 items by default), the layer of highest
 information score among the items the model gets wrong, after which the run evaluates the rest. The paper's
 baseline (``select=random``) draws a random layer *for each item*, from the same split, so method and baseline are
-scored on the same evaluation items; repeat it over seeds (the paper uses five) for a mean and spread. The probing
+scored on the same evaluation items; it is repeated over seeds 0-4 (the paper's five) unless ``seed`` is given,
+each seed a variant of the run (:mod:`lalm_probe.core.sweep`), so the lens reports its accuracy as mean ± std. The probing
 split is seeded and stratified by the label (corpora such as SAKURA list items grouped by class; ``split=first``
 takes the first items as the paper's release order would). The source state is read in the same forward pass
 before the target layer runs, so it is the clean state of layer l; only the prompt pass is edited.
@@ -41,6 +42,11 @@ class LayerEnrich(Intervention):
     position: str = "last"
     stack: str | None = None
     random_layers: dict | None = None  # resolved for select=random: item id -> layer (saved with the run)
+
+    @classmethod
+    def sweep_defaults(cls, params: dict) -> dict[str, list[int]]:
+        """The random baseline is repeated over five seeds (the paper's) unless ``seed`` is given."""
+        return {"seed": list(range(5))} if "seed" not in params and "random" in str(params.get("select", "")) else {}
 
     def __post_init__(self) -> None:
         if self.select not in ("score", "random"):

@@ -49,7 +49,8 @@ class Ultravox(ModelPlugin):
     hub_ids = ("fixie-ai/ultravox-v0_5-llama-3_2-1b", "fixie-ai/ultravox-v0_5-llama-3_1-8b")
     tiny = build_tiny
     lens_stack = "lm"
-    option_defaults = {"audio_model": None, "text_model": None, "trust_remote_code": False}
+    # chat_template=false: no template, the input's own last token is last (seed 000), as AudioLM models take it
+    option_defaults = {"audio_model": None, "text_model": None, "trust_remote_code": False, "chat_template": True}
     load_options = ("audio_model", "text_model", "trust_remote_code")
     stacks = (
         # The projector stacks 8 encoder frames per LM token: it is read on those tokens, one per audio position.
@@ -73,7 +74,8 @@ class Ultravox(ModelPlugin):
                 prompts: Sequence[Prompt]) -> Prepared:
         proc = self.processor
         users = [user_text(it, p) for it, p in zip(items, prompts)]
-        texts = [proc.render(u, audio=it.has_audio, assistant_prefix=p.assistant_prefix)
+        texts = [proc.render(u, audio=it.has_audio, assistant_prefix=p.assistant_prefix,
+                             chat_template=self.options["chat_template"])
                  for it, p, u in zip(items, prompts, users)]
         batch = proc(texts, list(audio), sampling_rate=self.sample_rate, user_texts=users)
         rows = []

@@ -168,17 +168,29 @@ class Whisper(ModelPlugin):
         prompt = [self._prompt_ids(lang) for lang in languages]
         if len({len(p) for p in prompt}) > 1:
             raise UserError("Whisper needs the same decoder prompt length for every item of a batch.")
-        inputs = {"input_features": feats["input_features"], "decoder_input_ids": torch.tensor(prompt)}
+        # an assistant prefix is the start of the transcript: the decoder reads it after its control tokens (right
+        # padding is invisible to a causal decoder's valid positions); its tokens are the decoder's `text` span
+        prefixes = [self.target_ids(p.assistant_prefix) if p.assistant_prefix else [] for p in prompts]
+        decoder = [p + x for p, x in zip(prompt, prefixes)]
+        width = max(len(d) for d in decoder)
+        pad = self.model.generation_config.eos_token_id
+        inputs = {"input_features": feats["input_features"],
+                  "decoder_input_ids": torch.tensor([d + [pad] * (width - len(d)) for d in decoder])}
         frames_per_token = fe.n_samples // self.model.config.max_source_positions  # 320 samples = 20 ms
         rows = []
-        for clip in audio:
+        for clip, p, d in zip(audio, prompt, decoder):
             encoder = Positions(0, max(1, -(-len(clip) // frames_per_token)))
-            rows.append({"encoder": encoder, "cross_kv": encoder, "decoder": Positions(0, len(prompt[0]))})
+            spans = {"text": (len(p), len(d))} if len(d) > len(p) else {}
+            rows.append({"encoder": encoder, "cross_kv": encoder, "decoder": Positions(0, len(d), spans)})
         return Prepared(inputs, rows, generate_inputs={"input_features": feats["input_features"],
-                                                       "language": languages})
+                                                       "language": languages},
+                        meta={"prefixed": any(prefixes)})
 
     def generation_inputs(self, prepared: Prepared) -> Prepared:
         """Full decoder prompt per row; a language to detect is detected here, outside any trace."""
+        if prepared.meta.get("prefixed"):
+            raise UserError("Whisper reads a given start of the transcript (an assistant prefix) in forward reads "
+                            "only; to decode after a forced transcript use --force-target <label>.")
         inputs = dict(prepared.generate_inputs or {})
         languages = list(inputs.pop("language"))
         detected = [False] * len(languages)

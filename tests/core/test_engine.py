@@ -143,3 +143,15 @@ def test_an_edit_limited_to_some_items_leaves_the_others_alone(qwen_session):
         Edit(site="lm.3.out", op="add", positions="last", value=vec, items=["x1"])])["lm.5.out@last"]
     torch.testing.assert_close(edited[[0, 2]], clean[[0, 2]])
     assert not torch.allclose(edited[1], clean[1])
+
+
+def test_all_positions_of_a_span_are_the_spans_rows_of_all(qwen_session):
+    """``all:text``: every position of the text span (seed 004 averages the lens over the text's tokens)."""
+    items = [Stimulus("t1", text="the cat"), Stimulus("t2", text="a much longer sentence here")]
+    out = qwen_session.run(items, ["lm.2.out"], ["all", "all:text"])
+    prepared = qwen_session.prepare(items)
+    for b, row in enumerate(prepared.rows):
+        s, e = row["lm"].spans["text"]
+        torch.testing.assert_close(out["lm.2.out@all:text"][b], out["lm.2.out@all"][b][s:e])
+    with pytest.raises(UserError, match="Unknown position"):
+        qwen_session.run(items, ["lm.2.out"], ["all:te xt"])

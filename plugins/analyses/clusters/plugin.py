@@ -17,9 +17,12 @@ Documented choices:
   ``space=both`` is the safer reading. A label is skipped, with a note, when it has fewer than two classes or
   every class has a single member; a label carried by only some items (e.g. ``voice`` on speech items) is
   scored on those items.
-- Distances: Euclidean, in the full space. Activation norms grow with depth, so raw distances mostly track the
-  norm; ``normalize=true`` L2-normalises each vector before distances and centroids (t-SNE and silhouettes are
-  always computed on the raw vectors). Centroid c_g = mean of the vectors of group g; D[g, h] = ||c_g − c_h||.
+- Distances: Euclidean, in the full space and in the 2-D t-SNE map (``distances=full|tsne|both``, default both):
+  the paper measures "the Euclidean distance between any pair of embedded vectors" as a proxy for the full space,
+  and its tables' magnitudes (growing with depth) read like full-space distances, so both are given. Activation
+  norms grow with depth, so raw distances mostly track the norm; ``normalize=true`` L2-normalises each vector
+  before full-space distances and centroids (t-SNE and silhouettes are always computed on the raw vectors).
+  Centroid c_g = mean of the vectors of group g; D[g, h] = ||c_g − c_h||.
 - Layers are the site indices of the stack (0 = output of the first block).
 - Position: ``auto`` (default) reads the last position on a stack that runs per decode step (an LM or text
   decoder, the paper's setting) and the mean over the valid positions on an encoder, whose last position is only
@@ -74,13 +77,16 @@ class Clusters(Analysis):
     space: str = "tsne"  # silhouette in the 2-D t-SNE map (paper), the full space, or both
     plot_layers: list[int] | None = None  # t-SNE scatters and distance tables; default first / middle / last
     items: list[str] | None = None  # item ids for the distance tables; default: see default_items
-    normalize: bool = False  # L2-normalise vectors before distances and centroids
+    normalize: bool = False  # L2-normalise vectors before full-space distances and centroids
+    distances: str = "both"  # item and centroid distance tables in the full space, the t-SNE map, or both
     seed: int = 0  # t-SNE random_state
     perplexity: float = 30.0  # t-SNE perplexity, capped at (n − 1) / 3 for small item sets
 
     def __post_init__(self) -> None:
         if self.space not in SPACES:
             raise UserError(f"clusters: space must be one of {', '.join(SPACES)}, got '{self.space}'.")
+        if self.distances not in SPACES:
+            raise UserError(f"clusters: distances must be full, tsne or both, got '{self.distances}'.")
         if self.perplexity <= 0:
             raise UserError(f"clusters: perplexity must be positive, got {self.perplexity}.")
 
@@ -132,7 +138,9 @@ class Clusters(Analysis):
             table_ids = self._table_items(items)
             by_id = {it.id: it for it in items}
             rows, curves, coords = [], {(k, s): [] for k in scored for s in spaces}, {}
-            dist_rows, cent_rows = [], []
+            dist_spaces = ["full", "tsne"] if self.distances == "both" else [self.distances]
+            dist_rows: dict[str, list] = {sp: [] for sp in dist_spaces}
+            cent_rows: dict[str, list] = {sp: [] for sp in dist_spaces}
             for layer, site in sites:
                 x = reps.load_layer(store, site, position, ids)
                 row: dict[str, Any] = {"run": run, "layer": layer, "mean_norm": float(np.linalg.norm(x, axis=1).mean())}
@@ -147,20 +155,25 @@ class Clusters(Analysis):
                         curves[(key, space)].append(score)
                         row[f"{key} ({space})" if len(spaces) > 1 else key] = score
                 rows.append(row)
-                for key, (mask, values) in scored.items():
-                    names, dist = centroid_distances(x[mask], values, self.normalize)
-                    result.arrays[f"{run}/centroid_distance/{key}/{layer}"] = dist
-                    if layer in shown:
-                        cent_rows += [{"run": run, "layer": layer, "label": key, "group_a": names[i],
-                                       "group_b": names[j], "distance": dist[i, j]}
-                                      for i in range(len(names)) for j in range(i + 1, len(names))]
-                if layer in shown and table_ids:
-                    pos = [ids.index(i) for i in table_ids]
-                    d = pairwise_distances(x[pos], self.normalize)
-                    result.arrays[f"{run}/item_distance/{layer}"] = d
-                    names = short_names([by_id[i] for i in table_ids])
-                    dist_rows += [{"run": run, "layer": layer, "name": names[r], "item": a,
-                                   **{b: d[r, c] for c, b in enumerate(names)}} for r, a in enumerate(table_ids)]
+                for space in dist_spaces:
+                    data, norm, tag = (x, self.normalize, "") if space == "full" else (emb, False, "tsne_")
+                    if data is None:
+                        continue
+                    for key, (mask, values) in scored.items():
+                        names, dist = centroid_distances(data[mask], values, norm)
+                        result.arrays[f"{run}/{tag}centroid_distance/{key}/{layer}"] = dist
+                        if layer in shown:
+                            cent_rows[space] += [{"run": run, "layer": layer, "label": key, "group_a": names[i],
+                                                  "group_b": names[j], "distance": dist[i, j]}
+                                                 for i in range(len(names)) for j in range(i + 1, len(names))]
+                    if layer in shown and table_ids:
+                        pos = [ids.index(i) for i in table_ids]
+                        d = pairwise_distances(data[pos], norm)
+                        result.arrays[f"{run}/{tag}item_distance/{layer}"] = d
+                        names = short_names([by_id[i] for i in table_ids])
+                        dist_rows[space] += [{"run": run, "layer": layer, "name": names[r], "item": a,
+                                              **{b: d[r, c] for c, b in enumerate(names)}}
+                                             for r, a in enumerate(table_ids)]
             result.arrays[f"{run}/ids"] = np.array(ids)
             layer_names = [layer for layer, _ in sites]
             for (key, space), values in curves.items():
@@ -170,10 +183,14 @@ class Clusters(Analysis):
                     result.summary[f"{key}: best layer ({space})"] = layer_names[best]
                     result.summary[f"{key}: max silhouette ({space})"] = values[best]
             result.tables.append(Table(f"Silhouette per layer, space={self.space} ({run})", rows))
-            if dist_rows:
-                norm = ", L2-normalised" if self.normalize else ""
-                result.tables.append(Table(f"Euclidean distances between items{norm} ({run})", dist_rows))
-            result.tables.append(Table(f"Distances between cluster centroids ({run})", cent_rows, show=False))
+            for space in dist_spaces:
+                where = "in the full space" + (", L2-normalised" if self.normalize else "") if space == "full" \
+                    else "in the t-SNE map"
+                if dist_rows[space]:
+                    result.tables.append(Table(f"Euclidean distances between items {where} ({run})",
+                                               dist_rows[space]))
+                result.tables.append(Table(f"Distances between cluster centroids {where} ({run})", cent_rows[space],
+                                           show=False))
             result.figures[f"silhouette_{run}"] = silhouette_plot(curves, layer_names, f"{stack} ({run})")
             for key, (mask, values) in scored.items():
                 result.figures[f"tsne_{key}_{run}"] = scatter(coords, shown, mask, values, items, key, run)

@@ -7,19 +7,29 @@ over pairs with a 95% confidence interval: a t-interval over the per-pair scores
 percentile bootstrap over pairs (``ci=bootstrap``, 2000 resamples, seeded). Both treat the baseline as fixed: it
 averages n(n−1) cosines, so its sampling error is small next to the per-pair spread.
 
-(b) Eq. 2 — token-language distribution under the logit lens. Token counts per language c(w, z) come from text
-(the dataset's texts and transcripts, plus the built-in sentences for languages they lack, or a corpus file).
-``log p(w|z) = log c(w,z) − log Σ_w c(w,z)``; ``p(z|w)`` = softmax over languages with a UNIFORM prior, masking
-languages where w never occurs; tokens seen in no language get 1/|languages|. For a hidden state,
-``p(z|h) = Σ_w p_lens(w|h) p(z|w)`` with ``p_lens`` the lens softmax truncated to the tokenizer's base vocabulary
-(``tokenizer.vocab_size``, no added special tokens) and renormalised. Tokens are counted without special tokens.
-The lens skips the final norm by default (``norm=false``), as the reference code does for layers < L.
-The paper averages over every token position of long texts; here each item contributes its ``position`` state
-(``auto``: the last position on an LM / decoder, the mean over the valid positions on an encoder). With the small
-built-in corpus the token table is noisy; pass ``corpus=<file>`` with more text (lines ``language<TAB>text`` or
-JSONL with ``language`` and ``text``) for stable estimates. ``table_mass`` = Σ_w p_lens(w|h) over the tokens the
-table has seen: where it is small, p(z|h) is mostly the uniform prior of unseen tokens, not evidence (Whisper's
-decoder at ``<|startoftranscript|>`` puts its mass on language tokens, outside the base vocabulary).
+(b) Eq. 2 — token-language distribution under the logit lens. Token counts per language c(w, z) come from an
+independent resource, not from the data analysed: by default (``corpus=wordfreq``) the ``wordfreq`` package's word
+lists (42 languages, shipped offline on PyPI), whose ``table_words`` most frequent words per language are tokenized
+by the model's tokenizer as in running text, each token counting its word's frequency (the paper counts tokens of
+100,000 mC4 documents per language, which cannot ship offline). ``corpus=builtin`` (the built-in sentences),
+``corpus=<file>`` (lines ``language<TAB>text`` or JSONL with ``language`` and ``text``) or, only on request,
+``corpus=dataset`` (the dataset's own texts and transcripts: circular, the table then knows the very sentences it
+scores) count tokens of text instead. ``log p(w|z) = log c(w,z) − log Σ_w c(w,z)``; ``p(z|w)`` = softmax over
+languages with a UNIFORM prior, masking languages where w never occurs; tokens seen in no language get
+1/|languages|. For a hidden state, ``p(z|h) = Σ_w p_lens(w|h) p(z|w)`` with ``p_lens`` the lens softmax truncated to
+the tokenizer's base vocabulary (``tokenizer.vocab_size``, no added special tokens) and renormalised. Tokens are
+counted without special tokens. The lens skips the final norm by default (``norm=false``), as the reference code
+does for layers < L; the last layer is the normed state for both parts (HF's ``hidden_states[-1]``, which the
+reference reads). The paper averages p(z|h_t) over every token position of its texts (Fig. 4):
+``lens_position=all`` does (every position of each input, averaged per input, then over the inputs of a
+group), ``all:text`` over the text's tokens only (no chat template or control tokens); by default each item
+contributes its ``position`` state (``auto``: the last position on an LM / decoder, the mean over the valid
+positions on an encoder). ``entropy`` is that of the group's distribution p^l(z) (``item_entropy``: the mean of
+each input's). ``prefix=<label>`` gives the model the label's text as the start of its answer: Whisper's decoder
+then reads the transcript after its control tokens, so ``prefix=transcript,lens_position=all:text`` reads the
+decoder on the text of each clip, as the paper reads an LM on text. ``table_mass`` = Σ_w p_lens(w|h) over the tokens the table has seen: where it is small, p(z|h) is mostly
+the uniform prior of unseen tokens, not evidence (Whisper's decoder at ``<|startoftranscript|>`` puts its mass on
+language tokens, outside the base vocabulary).
 
 Part (b) needs an unembedding: ``language_lens`` unset runs it where the stack has one (an LM / text decoder) and
 skips it, with a note, on an encoder; ``language_lens=true`` on an encoder is an error. A model that takes speech
@@ -30,11 +40,14 @@ only (Whisper) has no text side: ``compare=[modality]`` alone is refused before 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from importlib import metadata
 from typing import Any, ClassVar
 
 import numpy as np
 from lalm_probe.core.data import Dataset
 from lalm_probe.core.errors import UserError
+from lalm_probe.core.languages import label_code
+from lalm_probe.core.model import Prompt
 from lalm_probe.core.plugin import Analysis, Requirements, Stores
 from lalm_probe.core.registry import hookimpl
 from lalm_probe.core.results import Result, Table
@@ -49,6 +62,8 @@ from lalm_probe.plugins.analyses.hub.measure import (
     language_given_token,
     mean_ci,
     read_corpus,
+    wordfreq_counts,
+    wordfreq_languages,
 )
 from lalm_probe.plugins.analyses.hub.plots import lens_plot, similarity_plot
 from scipy.special import softmax
@@ -71,7 +86,11 @@ class Hub(Analysis):
     similarity: bool = True  # part (a)
     language_lens: bool | None = None  # part (b); unset: on where the stack has an unembedding
     norm: bool = False  # apply the final norm in the lens (the reference does not)
-    corpus: str = "auto"  # auto | dataset | builtin | path to a language<TAB>text or JSONL file
+    lens_position: str | None = None  # part (b): all (every position, averaged per input: the paper), all:text, ...
+    prefix: str | None = None  # label whose text the model reads as the start of its answer (Whisper: transcript)
+    corpus: str = "wordfreq"  # wordfreq | dataset | builtin | path to a language<TAB>text or JSONL file
+    table_languages: list[str] | None = None  # the token table's languages (default: all wordfreq has, 42)
+    table_words: int = 10000  # wordfreq: the most frequent words per language that are tokenized
     chunk: int = 64  # items projected at once
     seed: int = 0
 
@@ -95,6 +114,24 @@ class Hub(Analysis):
                             + (f", or stack={lens_stack} for the lens." if lens_stack else "."))
         return has if self.language_lens is None else bool(self.language_lens)
 
+    def check(self, dataset: Dataset) -> None:
+        if self.prefix:
+            dataset.label_values(self.prefix)
+
+    def prompt(self, model: ModelView, item: Any) -> Prompt:
+        """The model's own prompt; with ``prefix``, the label's text as the start of the model's answer (Whisper's
+        decoder then reads the transcript, token by token, after its language and task tokens)."""
+        base = model.default_prompt(item)
+        if not self.prefix:
+            return base
+        return Prompt(user=base.user, assistant_prefix=str(item.labels[self.prefix]))
+
+    def _positions(self, model: ModelView, stack: str, lens: bool) -> tuple[str, str | None]:
+        """The similarity position and, when it differs, where part (b) reads (``lens_position``)."""
+        position = reps.resolve_position(model, stack, self.position)
+        lens_at = self.lens_position if lens and self.lens_position not in (None, position) else None
+        return position, lens_at
+
     def requirements(self, model: ModelView, dataset: Dataset) -> Requirements:
         stack = reps.resolve_stack(model, self.stack)
         reps.layer_sites(model, stack, "out")
@@ -108,16 +145,23 @@ class Hub(Analysis):
                 raise UserError(f"hub: compare=[modality] scores speech against the text of the same sentences, "
                                 f"but {problem}. Use compare=[language] for speech vs speech across languages.")
         labels = ["language"] + (["semantic_id"] if self.similarity else [])
-        position = reps.resolve_position(model, stack, self.position)
-        return Requirements(sites=[f"{stack}.*.out"], positions=[position], labels=labels)
+        position, lens_at = self._positions(model, stack, lens)
+        positions = ([position] if self.similarity or not lens_at else []) + ([lens_at] if lens_at else [])
+        return Requirements(sites=[f"{stack}.*.out"], positions=positions, labels=labels)
 
     @capped
     def analyze(self, model: ModelView, dataset: Dataset, stores: Stores) -> Result:
         stack = reps.resolve_stack(model, self.stack)
         layers = [layer for layer, _ in reps.layer_sites(model, stack, "out")]
-        position = reps.resolve_position(model, stack, self.position)
         lens = self._lens_on(model, stack)
+        position, lens_at = self._positions(model, stack, lens)
         result = Result(summary={"stack": stack, "position": position, "language lens": lens})
+        if lens:
+            result.summary["language lens position"] = lens_at or position
+        if model.resolved[stack].final_norm is not None and (self.similarity or lens):
+            result.notes.append(f"The last layer ({layers[-1]}) is read after '{stack}''s final norm, as HF's "
+                                "hidden_states[-1] (what the semantic-hub code reads) is; the other layers are block "
+                                "outputs.")
         if lens:
             result.summary["lens final norm"] = self.norm
         elif self.language_lens is None:
@@ -131,7 +175,8 @@ class Hub(Analysis):
                 result.notes.append(f"Cross-modal (speech vs text) comparisons skipped: {problem}.")
         table = self._token_table(model, dataset, result) if lens else None
         for run, store in stores.activations():
-            items = reps.items_reaching(dataset, store, stack, f"{stack}.{layers[0]}.out@{position}",
+            first = position if self.similarity or not lens_at else lens_at
+            items = reps.items_reaching(dataset, store, stack, f"{stack}.{layers[0]}.out@{first}",
                                         result.notes if run == "baseline" else None)
             ids = [it.id for it in items]
             pairs = self._pairs(items, result, run) if self.similarity else []
@@ -139,12 +184,17 @@ class Hub(Analysis):
             probs = np.zeros((len(layers), len(items), len(table[0]))) if table else None
             mass = np.zeros((len(layers), len(items))) if table else None
             for li, layer in enumerate(layers):  # one layer in memory at a time
-                x = reps.load_layer(store, f"{stack}.{layer}.out", position, ids)
+                x = reps.load_layer(store, f"{stack}.{layer}.out", position, ids) if (
+                    pairs or (table is not None and not lens_at)) else None
+                # the reference reads HF hidden_states, whose last entry is after the final norm
+                xs = model.final_norm(x, stack) if pairs and layer == layers[-1] else x
                 for name, ra, rb in pairs:
-                    per_pair, off = baseline_adjusted_cosine(x[ra], x[rb])
+                    per_pair, off = baseline_adjusted_cosine(xs[ra], xs[rb])
                     m, lo, hi = mean_ci(per_pair, method=self.ci, seed=self.seed)
                     scores[name][li] = m, lo, hi, m + off, off
-                if table is not None:
+                if table is not None and lens_at:
+                    probs[li], mass[li] = self._lens_every_position(model, stack, layer, store, ids, lens_at, table)
+                elif table is not None:
                     probs[li], mass[li] = self._lens_probs(model, stack, layer, x, table[1], table[2])
             if pairs:
                 self._report_similarity(result, run, scores, {n: len(ra) for n, ra, _ in pairs}, layers)
@@ -210,42 +260,50 @@ class Hub(Analysis):
 
     # ---- (b) --------------------------------------------------------------------------------------------
     def texts(self, dataset: Dataset) -> dict[str, list[str]]:
-        """Text per language for the token table, following the ``corpus`` option.
+        """Text per language for a token table counted from text (``corpus`` = dataset, builtin or a file).
 
-        ``auto``: the dataset's texts and transcripts, plus the built-in sentences for each language of the
-        dataset (and the dominant one) that has no text in it; ``dataset`` / ``builtin``: only that source.
+        ``dataset``: the dataset's own texts and transcripts (circular: the table then knows the very sentences
+        it scores, so only on request); ``builtin``: the built-in sentences of every language.
         """
-        if self.corpus not in ("auto", "dataset", "builtin"):
+        if self.corpus == "builtin":
+            return builtin_texts()
+        if self.corpus != "dataset":
             return read_corpus(self.corpus)
         out: dict[str, list[str]] = {}
-        if self.corpus in ("auto", "dataset"):
-            for it in dataset:
-                text = it.text or it.labels.get("transcript")
-                if text and "language" in it.labels:
-                    out.setdefault(str(it.labels["language"]), []).append(str(text))
-            out = {k: list(dict.fromkeys(v)) for k, v in out.items()}  # a sentence counts once per language
-        if self.corpus == "builtin":
-            out = builtin_texts()
-        elif self.corpus == "auto":
-            wanted = {str(it.labels["language"]) for it in dataset if "language" in it.labels} | {self.dominant}
-            out.update(builtin_texts(wanted - set(out)))
-        return out
+        for it in dataset:
+            text = it.text or it.labels.get("transcript")
+            if text and "language" in it.labels:
+                out.setdefault(str(it.labels["language"]), []).append(str(text))
+        return {k: list(dict.fromkeys(v)) for k, v in out.items()}  # a sentence counts once per language
 
     def _token_table(self, model: ModelView, dataset: Dataset, result: Result
                      ) -> tuple[list[str], np.ndarray, np.ndarray]:
         """Languages, p(language | token) and which tokens the table has seen at all."""
         tok = model.tokenizer
         vocab = int(getattr(tok, "vocab_size", 0) or len(tok))
-        texts = self.texts(dataset)
-        if len(texts) < 2:
+        if self.corpus == "wordfreq":
+            langs = [label_code(x) for x in self.table_languages] if self.table_languages else wordfreq_languages()
+            unknown = sorted(set(langs) - set(wordfreq_languages()))
+            if unknown:
+                raise UserError(f"hub: wordfreq has no word list for {', '.join(unknown)}; it has: "
+                                f"{', '.join(wordfreq_languages())}.")
+            langs, counts = wordfreq_counts(tok, langs, vocab, self.table_words)
+            result.summary["token table: source"] = (f"wordfreq {_version('wordfreq')}: the {self.table_words} most "
+                                                     "frequent words per language, weighted by frequency")
+        else:
+            texts = self.texts(dataset)
+            langs, counts = count_tokens(tok, texts, vocab)
+            result.summary["token table: source"] = (self.corpus if self.corpus in ("dataset", "builtin")
+                                                     else f"file {self.corpus}")
+        if len(langs) < 2:
             raise UserError(f"hub: the token-language table needs text in at least two languages; found "
-                            f"{', '.join(texts) or 'none'}. Pass corpus=builtin or corpus=<file>.")
-        langs, counts = count_tokens(tok, texts, vocab)
+                            f"{', '.join(langs) or 'none'}. Use corpus=wordfreq, corpus=builtin or corpus=<file>.")
         result.summary["token table: languages"] = langs
-        result.summary["token table: tokens counted"] = int(counts.sum())
+        result.summary["token table: " + ("tokens counted" if self.corpus != "wordfreq" else
+                                          "frequency-weighted tokens")] = float(counts.sum())
         result.arrays["token_table/counts_per_language"] = counts.sum(axis=0)
-        if self.dominant not in langs:
-            result.notes.append(f"The dominant language '{self.dominant}' has no text in the token table, "
+        if _column(langs, self.dominant) is None:
+            result.notes.append(f"The dominant language '{self.dominant}' is not in the token table, "
                                 "so p(dominant | h) is not reported.")
         return langs, language_given_token(counts), counts.sum(axis=1) > 0
 
@@ -265,6 +323,16 @@ class Hub(Analysis):
             mass[start:start + self.chunk] = p_lens @ seen[:v].astype(np.float64)
         return out, mass
 
+    def _lens_every_position(self, model: ModelView, stack: str, layer: int, store: Any, ids: list[str],
+                             where: str, table: tuple) -> tuple[np.ndarray, np.ndarray]:
+        """p(language | h) at every position of each input (``all`` or ``all:<span>``), averaged per input (the
+        paper averages over the tokens of its texts), and the lens mass on counted tokens, likewise."""
+        rows = store.ragged(f"{stack}.{layer}.out@{where}", ids)
+        p, m = self._lens_probs(model, stack, layer, np.concatenate(rows), table[1], table[2])
+        cuts = np.cumsum([len(r) for r in rows])[:-1]
+        return (np.stack([part.mean(axis=0) for part in np.split(p, cuts)]),
+                np.array([part.mean() for part in np.split(m, cuts)]))
+
     def _report_lens(self, result: Result, run: str, items: list, probs: np.ndarray, mass: np.ndarray,
                      langs: list[str], layers: list) -> None:
         result.arrays[f"{run}/language_lens/p_language"] = probs  # (layers, items, languages)
@@ -280,8 +348,9 @@ class Hub(Analysis):
                                     "corpus=<file> with more text, or read a position where the model predicts "
                                     "words (e.g. after a forced language prompt).")
         result.arrays["token_table/languages"] = np.array(langs)
-        col = {lang: j for j, lang in enumerate(langs)}
-        dom = col.get(self.dominant)
+        col = {lang: j for lang in {str(it.labels.get("language")) for it in items}
+               if (j := _column(langs, lang)) is not None}
+        dom = _column(langs, self.dominant)
         nan = np.full(len(layers), np.nan)
         groups: dict[tuple[str, str], list[int]] = {}
         for n, it in enumerate(items):
@@ -291,12 +360,14 @@ class Hub(Analysis):
             p = probs[:, members]  # (layers, members, languages)
             p_in = p[:, :, col[lang]].mean(axis=1) if lang in col else nan
             p_dom = p[:, :, dom].mean(axis=1) if dom is not None else nan
-            ent = entropy(p).mean(axis=1)
+            ent = entropy(p.mean(axis=1))  # of the group's language distribution p^l(z), as Fig. 4 reads it
+            item_ent = entropy(p).mean(axis=1)
             top = p.mean(axis=1).argmax(axis=-1)
             covered = mass[:, members].mean(axis=1)
             curves[(mod, lang)] = (p_in, p_dom)
             rows += [{"run": run, "modality": mod, "input_language": lang, "layer": layer, "items": len(members),
                       "p_input": p_in[li], f"p_{self.dominant}": p_dom[li], "entropy": ent[li],
+                      "item_entropy": item_ent[li],
                       "top_language": langs[int(top[li])], "table_mass": covered[li]}
                      for li, layer in enumerate(layers)]
         result.tables.append(Table(f"Lens language distribution p(language | h) per layer ({run})", rows,
@@ -325,6 +396,21 @@ class Hub(Analysis):
                         curve[best])
         result.figures[f"hub_language_lens_{run}"] = lens_plot(curves, layers, self.dominant, run)
 
+
+
+def _column(langs: list[str], label: str) -> int | None:
+    """The token-table column of a language label, in the label's spelling or the table's (``deu`` -> ``de``)."""
+    for key in (label, label_code(label)):
+        if key in langs:
+            return langs.index(key)
+    return None
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "?"
 
 
 @hookimpl

@@ -23,6 +23,7 @@ from lalm_probe.core.model import Prompt
 from lalm_probe.core.plugin import Analysis, Reads, Requirements, Stores
 from lalm_probe.core.registry import hookimpl
 from lalm_probe.core.results import Result, Table
+from lalm_probe.core.sweep import sweep_table
 from lalm_probe.core.view import ModelView
 from lalm_probe.plugins.analyses.lens.audiolens import (
     ATTRIBUTES,
@@ -183,25 +184,52 @@ class LogitLens(Analysis):
     def analyze(self, model: ModelView, dataset: Dataset, stores: Stores) -> Result:
         stack = self._stack(model)
         result = Result(summary={"stack": stack, "final_norm_applied": self.norm, "items": len(dataset)})
-        runs = {name: self.lens_tables(model, dataset, store) for name, store in stores.activations()}
-        first_run = next(iter(runs.values()))
+        variants = {v.name for v in stores.variants}  # a sweep's settings: scored at the last layer only
+        full = [(name, store) for name, store in stores.activations() if name not in variants]
+        runs = {name: self.lens_tables(model, dataset, store) for name, store in full}
         first = self._positions(model)[0]
-        top = first_run["positions"][first]
-        result.tables.append(Table(f"Top-{self.top_k} lens tokens per layer for '{dataset[0].id}' @{first}", [
-            {"layer": layer, "tokens": model.decode_tokens(top["top_ids"][0, layer]),
-             "probs": [float(p) for p in top["top_probs"][0, layer]]} for layer in range(top["top_ids"].shape[1])]))
+        if runs:
+            top = next(iter(runs.values()))["positions"][first]
+            result.tables.append(Table(f"Top-{self.top_k} lens tokens per layer for '{dataset[0].id}' @{first}", [
+                {"layer": layer, "tokens": model.decode_tokens(top["top_ids"][0, layer]),
+                 "probs": [float(p) for p in top["top_probs"][0, layer]]}
+                for layer in range(top["top_ids"].shape[1])]))
         for name, run in runs.items():
             for pos, entry in run["positions"].items():
                 for what in ("top_ids", "top_probs", "label_probs"):
                     if what in entry:
                         result.arrays[f"{name}/{pos}/{what}"] = entry[what]
         result.arrays["item_ids"] = np.array([it.id for it in dataset])
-        if self.label:
+        if self.label and runs:
             self._scores(result, runs, first)
-        for name, store in stores.activations():
+        if self.label and stores.variants:
+            self._sweep(result, model, dataset, stores, first)
+        for name, store in full:
             for it in list(dataset)[: self.heatmap_items]:
                 result.figures[f"heatmap_{name}_{_safe(it.id)}"] = self._heatmap(model, store, stack, it.id)
         return result
+
+    def _sweep(self, result: Result, model: ModelView, dataset: Dataset, stores: Stores, first: str) -> None:
+        """Accuracy (= the information score at the last layer) of every variant of a sweep: AudioLens Fig. 5,
+        accuracy over λ for the method and for random layers (mean ± std over seeds)."""
+        stack = self._stack(model)
+        last = model.resolved[stack].num_layers - 1
+        _, label_ids, targets = self.label_spec(model, dataset)
+        ids = [it.id for it in dataset]
+        accuracy = {}
+        for v in stores.variants:
+            if v.store is not None:
+                probs = self.project(model, v.store.array(f"{stack}.{last}.out@{first}", ids)[:], last, label_ids)[2]
+                accuracy[v.name] = float((probs.argmax(-1) == targets).mean())
+        reference = result.summary.get(f"accuracy (baseline @{first})")
+        tables, figure = sweep_table(accuracy, stores.variants, "accuracy", reference)
+        result.tables += tables
+        if figure is not None:
+            result.figures["sweep_accuracy"] = figure
+        result.arrays["sweep/accuracy"] = np.array([accuracy.get(v.name, np.nan) for v in stores.variants])
+        result.arrays["sweep/variants"] = np.array([v.name for v in stores.variants])
+        result.notes.append(f"Sweep: {len(stores.variants)} variants, each scored by its accuracy at the last layer "
+                            f"@{first} on the same {len(ids)} evaluation items.")
 
     def _heatmap(self, model: ModelView, store: Any, stack: str, item: str) -> Any:
         n_layers = model.resolved[stack].num_layers

@@ -80,7 +80,7 @@ def cca_correlations(x: np.ndarray, y: np.ndarray, epsilon: float = EPSILON) -> 
 
 class SVCCA(NamedTuple):
     similarity: float  # plain mean of the canonical correlations
-    baseline: float  # the same on shuffled pairings (NaN without permutations)
+    shuffled: float  # the same on shuffled pairings of the same vectors (NaN without permutations)
     kx: int
     ky: int
     correlations: np.ndarray
@@ -88,7 +88,8 @@ class SVCCA(NamedTuple):
 
 def svcca(x: np.ndarray, y: np.ndarray, variance: float = 0.9, epsilon: float = EPSILON,
           permutations: int = 0, seed: int = 0) -> SVCCA:
-    """SVCCA similarity of two ``(items, neurons)`` sets whose rows are the same items, with its random baseline.
+    """SVCCA similarity of two ``(items, neurons)`` sets whose rows are the same items, with the shuffled-pairs
+    baseline over ``permutations`` shufflings of one side's rows.
 
     The widths may differ. Rows must be paired (row i of x and of y are one item).
     """
@@ -106,6 +107,19 @@ def svcca_reduced(wx: np.ndarray, wy: np.ndarray, kx: int, ky: int, permutations
         base = float(np.mean([correlations_from_whitened(wx, wy[rng.permutation(len(wy))]).mean()
                               for _ in range(permutations)]))
     return SVCCA(sim, base, kx, ky, rho)
+
+
+def random_vectors_baseline(items: int, width_x: int, width_y: int, variance: float = 0.9,
+                            epsilon: float = EPSILON, draws: int = 5, seed: int = 0) -> float:
+    """Lee et al.'s (seed 001) baseline: SVCCA between random vectors of the same sizes as the analysed ones.
+
+    ``items`` rows of ``width_x`` and of ``width_y`` standard normal units, through the same pipeline (SVD step at
+    ``variance``, CCA), averaged over ``draws`` draws. It depends only on the sizes: it says what SVCCA gives when
+    there is no similarity at all, which with few items and a 90% SVD step is far from 0 (CCA overfits).
+    """
+    rng = np.random.default_rng(seed)
+    return float(np.mean([svcca(rng.standard_normal((items, width_x)), rng.standard_normal((items, width_y)),
+                                variance, epsilon).similarity for _ in range(max(1, draws))]))
 
 
 def _check_pair(x: np.ndarray, y: np.ndarray) -> None:

@@ -44,9 +44,14 @@ class UltravoxProcessor:
         self.replacement_id = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
 
     def render(self, prompt: str | None, *, audio: bool, system: str | None = None,
-               assistant_prefix: str | None = None) -> str:
+               assistant_prefix: str | None = None, chat_template: bool = True) -> str:
         """The chat text ``UltravoxPipeline.preprocess`` builds: the user turn is the prompt, with `` <|audio|>``
-        appended when audio is given and the prompt has no placeholder (``<|audio|>`` alone without a prompt)."""
+        appended when audio is given and the prompt has no placeholder (``<|audio|>`` alone without a prompt).
+        Without the chat template: BOS, the clip, the prompt, the assistant prefix (the input's own last token
+        is last)."""
+        if not chat_template:
+            text = " ".join(t for t in (prompt, assistant_prefix) if t)
+            return (self.tokenizer.bos_token or "") + (PLACEHOLDER if audio else "") + text
         content = prompt or ""
         if audio and PLACEHOLDER not in content:
             content = f"{content} {PLACEHOLDER}" if content else PLACEHOLDER

@@ -33,6 +33,11 @@ def write_tsv(path: Path, header: list[str], rows: list[list[str]]) -> None:
     path.write_text("\n".join("\t".join(r) for r in [header, *rows]) + "\n", encoding="utf-8")
 
 
+def _normalized(raw: str) -> str:
+    """FLEURS' normalised column: lower case, punctuation removed."""
+    return "".join(c for c in raw.lower() if c.isalnum() or c.isspace())
+
+
 @pytest.fixture
 def fleurs(tmp_path: Path) -> Path:
     """google/fleurs: <lang>/{split}.tsv without a header (7 columns) and <lang>/audio/<split>/*.wav."""
@@ -42,7 +47,8 @@ def fleurs(tmp_path: Path) -> Path:
             "cmn_hans_cn": [("1001", "b1.wav", "天空是蓝色的。", "FEMALE"), ("1002", "b2.wav", "下雨了。", "MALE")]}
     for lang, lines in rows.items():
         for split in ("test", "dev"):
-            text = "".join(f"{i}\t{split}_{f}\t{raw}\t{raw.lower()}\t| x |\t3200\t{g}\n" for i, f, raw, g in lines)
+            text = "".join(f"{i}\t{split}_{f}\t{raw}\t{_normalized(raw)}\t| x |\t3200\t{g}\n"
+                           for i, f, raw, g in lines)
             (root / lang).mkdir(parents=True, exist_ok=True)
             (root / lang / f"{split}.tsv").write_text(text, encoding="utf-8")
             for _, f, _, _ in lines:
@@ -55,7 +61,8 @@ def test_fleurs_reads_parallel_ids_across_languages(fleurs: Path) -> None:
     assert len(ds) == 5
     item = {it.id: it for it in ds}["fleurs-cmn_hans_cn-test-test_b1"]
     assert item.labels == {"semantic_id": "fleurs-1001", "language": "zh", "locale": "cmn_hans_cn", "modality": "speech",
-                           "split": "test", "transcript": "天空是蓝色的。", "gender": "female"}
+                           "split": "test", "transcript": "天空是蓝色的。", "transcript_normalized": "天空是蓝色的",
+                           "gender": "female"}
     langs_of_1001 = {it.labels["language"] for it in ds if it.labels["semantic_id"] == "fleurs-1001"}
     assert langs_of_1001 == {"en", "zh"}
     assert load_audio(item, 16000).shape == (3200,)
@@ -66,7 +73,12 @@ def test_fleurs_options(fleurs: Path) -> None:
     speech = [it for it in ds if it.has_audio]
     text = [it for it in ds if not it.has_audio]
     assert len(speech) == 6 and {it.labels["split"] for it in speech} == {"dev", "test"}
-    assert sorted(it.text for it in text) == ["Rain fell.", "The sky is blue."]
+    # seed 001 App. C: the text side is the normalised transcription, not the raw one
+    assert sorted(it.text for it in text) == ["rain fell", "the sky is blue"]
+    raw = load_fleurs(f"{fleurs}?languages=en&text=yes&transcription=raw")
+    assert sorted(it.text for it in raw if not it.has_audio) == ["Rain fell.", "The sky is blue."]
+    with pytest.raises(UserError, match="transcription must be normalized or raw"):
+        load_fleurs(f"{fleurs}?text=yes&transcription=clean")
     assert len(load_fleurs(f"{fleurs}?limit=2")) == 2
     assert len(load_fleurs(str(fleurs / "en_us"))) == 3  # a single language folder works too
     with pytest.raises(UserError, match="none of xx"):

@@ -145,7 +145,7 @@ def test_list_and_info_show_the_model_its_stacks_and_checkpoints(capsys):
     code, out = run_cli(capsys, "info", "--model", "phi4-multimodal", "--checkpoint", "tiny", "--json")
     about = json.loads(out)
     assert code == 0 and about["checkpoints"] == ["microsoft/Phi-4-multimodal-instruct"]
-    assert set(about["stacks"]) == {"audio_encoder", "lm", "speech_lora"} and about["options"] == {"lora": "auto"}
+    assert set(about["stacks"]) == {"audio_encoder", "lm", "speech_lora"} and about["options"] == {"chat_template": True, "lora": "auto"}
 
 
 @pytest.mark.parametrize("analysis", ["logitlens:attribute=gender", "clusters:labels=[gender],space=full"])

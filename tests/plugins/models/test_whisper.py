@@ -188,3 +188,26 @@ def test_info_and_logitlens_run_on_tiny(tmp_path, capsys):
     assert results["summary"]["labels"] == ["de", "en", "fr"]
     # the label words are Whisper's language tokens
     assert 0.0 <= results["summary"]["accuracy (baseline @last)"] <= 1.0
+
+
+def test_an_assistant_prefix_is_read_as_the_start_of_the_transcript(forced):
+    """Seed 004 on Whisper: the decoder reads the transcript after its control tokens, each token a position of
+    its ``text`` span; right padding leaves a shorter row's states as they are alone."""
+    from lalm_probe.core.model import Prompt
+
+    items = clips(2)
+    texts = {"w0": "hello there", "w1": "a much longer transcript than the other one"}
+    prompt_fn = lambda it: Prompt(assistant_prefix=texts[it.id])  # noqa: E731
+    prepared = forced.prepare(items, prompt_fn=prompt_fn)
+    tok = forced.plugin.tokenizer
+    for b, it in enumerate(items):
+        pos = prepared.rows[b]["decoder"]
+        s, e = pos.spans["text"]
+        assert s == 4 and prepared.inputs["decoder_input_ids"][b, s:e].tolist() == tok(
+            " " + texts[it.id], add_special_tokens=False)["input_ids"]
+    both = forced.run(items, ["decoder.1.out"], ["all:text", "last"], prompt_fn=prompt_fn)
+    alone = forced.run(items[:1], ["decoder.1.out"], ["all:text", "last"], prompt_fn=prompt_fn)
+    torch.testing.assert_close(both["decoder.1.out@all:text"][0], alone["decoder.1.out@all:text"][0])
+    torch.testing.assert_close(both["decoder.1.out@last"][:1], alone["decoder.1.out@last"])
+    with pytest.raises(UserError, match="forward reads only"):
+        forced.generate(items, 2, ["decoder.1.out"], ["step:1"], prompt_fn=prompt_fn)

@@ -164,6 +164,19 @@ def test_end_to_end(tmp_path):
     assert [r["name"] for r in dist.rows if r["layer"] == 0][-1].startswith("B")
     cents = result.arrays["baseline/centroid_distance/language/0"]
     assert cents.shape == (3, 3) and np.allclose(np.diag(cents), 0)
+    # seed 000 reads distances between "embedded vectors" too: the same tables in the 2-D t-SNE map
+    in_map = next(t for t in result.tables if t.title.startswith("Euclidean distances between items in the t-SNE"))
+    emb = result.arrays["baseline/tsne/0"]
+    first, second = (r for r in in_map.rows if r["layer"] == 0 and r["name"] in ("A1", "A2"))
+    assert first["A2"] == pytest.approx(np.linalg.norm(emb[ids.index(first["item"])] - emb[ids.index(second["item"])]))
+    langs = [it.labels["language"] for it in items]
+    names, by_hand = centroid_distances(emb, langs)
+    np.testing.assert_allclose(result.arrays["baseline/tsne_centroid_distance/language/0"], by_hand)
+    full_only = Clusters(space="full", plot_layers=[0], distances="full").analyze(session, dataset,
+                                                                                  Stores(baseline=store))
+    assert not any("t-SNE map" in t.title for t in full_only.tables)
+    with pytest.raises(UserError, match="distances must be"):
+        Clusters(distances="umap")
     assert {"silhouette_baseline", "tsne_language_baseline", "tsne_semantic_id_baseline"} <= set(result.figures)
     assert lalm_probe_analyses() == [Clusters]
 

@@ -92,3 +92,28 @@ def test_analysis_scores_equal_hand_computed_lens(qwen_session, tmp_path):
     expected = (p[:, ids].numpy().argmax(-1) == targets).mean()
     assert result.arrays["baseline/last/information_score/all"][3] == pytest.approx(expected)
     assert result.summary["accuracy (baseline @last)"] == result.arrays["baseline/last/information_score/all"][-1]
+
+
+def test_the_tools_own_summary_is_labelled_and_tested_against_chance():
+    """Item 6: the paper's metric is the critical layer; the 90%-of-peak sentence is the tool's own summary, named
+    so, and it claims nothing unless the best layer beats chance (one-sided binomial, Bonferroni over layers)."""
+    from lalm_probe.core.results import Result
+    from scipy import stats
+
+    rng = np.random.default_rng(0)
+    targets = rng.integers(0, 2, size=40)
+    strong = np.zeros((4, 40, 2))
+    for layer, right in enumerate((0.5, 0.6, 0.95, 0.9)):  # share of items read correctly per layer
+        ok = rng.random(40) < right
+        strong[layer, np.arange(40), np.where(ok, targets, 1 - targets)] = 1.0
+    for probs, claims in ((strong, True), (np.full((4, 40, 2), 0.5) + rng.normal(0, 0.01, (4, 40, 2)), False)):
+        result = Result()
+        LogitLens(label="gender")._scores(result, {"baseline": {"labels": ["female", "male"], "targets": targets,
+                                                                "positions": {"last": {"label_probs": probs}}}}, "last")
+        curve = information_scores(probs, targets)
+        peak = int(np.argmax(curve))
+        p = min(1.0, stats.binomtest(round(curve[peak] * 40), 40, 0.5, alternative="greater").pvalue * 4)
+        assert result.summary["p_above_chance (peak layer, Bonferroni over layers)"] == pytest.approx(p)
+        assert "critical_layer (baseline @last)" in result.summary  # the paper's metric, beside it
+        text = result.summary["summary (the tool's, not a paper metric)"]
+        assert ("is read off the lens" in text) == claims and ("nothing to report" in text) == (not claims)
