@@ -7,7 +7,8 @@ from each row's metadata, never by counting from the left of a padded batch:
 - ``last``: the last valid position; ``mean``: mean over valid positions;
 - ``audio`` / ``text`` (or any span the plugin reports): mean over that span;
 - ``token:<i>``: the i-th valid position, negative counts from the end (``token:-2`` is the penultimate);
-- ``all``: every valid position (variable length; for live use, not for the store);
+- ``all``: every valid position (variable length: a ragged store key); ``all:<span>``: every position of a span
+  (the states of a prompt's text, or of each audio frame, one by one);
 - ``step:<t>``: during generation, the current position at decode step t (step 1 is the prompt pass, which
   predicts the first new token; seed 002's definition); ``prefix:<t>``: the mean over every decoder position
   up to and including that one (what seed 002's released code pools). Only for stacks that run per step.
@@ -76,6 +77,10 @@ def check_position(selector: str) -> str:
     """Validate a selector's syntax early, before any model runs."""
     if selector in ("last", "mean", "all"):
         return selector
+    if selector.startswith("all:"):
+        if not selector[4:].replace("_", "").isalnum():
+            raise UserError(f"Position '{selector}': expected 'all:<span>' (e.g. all:text, all:audio).")
+        return selector
     if selector.startswith(("step:", "prefix:")):
         num = selector.split(":", 1)[1]
         if not num.isdigit() or int(num) < 1:
@@ -90,8 +95,13 @@ def check_position(selector: str) -> str:
         return selector
     if selector.replace("_", "").isalnum():
         return selector  # a span name; checked per row
-    raise UserError(f"Unknown position '{selector}'. Use last, mean, all, token:<i>, step:<t>, prefix:<t> "
-                    "or a span name (audio, text).")
+    raise UserError(f"Unknown position '{selector}'. Use last, mean, all, all:<span>, token:<i>, step:<t>, "
+                    "prefix:<t> or a span name (audio, text).")
+
+
+def is_every(selector: str) -> bool:
+    """Whether a selector reads every position of its range one by one (``all``, ``all:<span>``)."""
+    return selector == "all" or selector.startswith("all:")
 
 
 def row_range(pos: Positions, selector: str, row_id: str) -> tuple[int, int] | int:
@@ -106,6 +116,8 @@ def row_range(pos: Positions, selector: str, row_id: str) -> tuple[int, int] | i
             raise UserError(f"Position '{selector}' is out of range for item '{row_id}' "
                             f"({pos.length} positions).")
         return pos.offset + (i % pos.length)
+    if selector.startswith("all:"):
+        selector = selector[4:]
     if selector not in pos.spans:
         raise UserError(f"Item '{row_id}' has no '{selector}' span (it has: {', '.join(pos.spans) or 'none'}).")
     s, e = pos.spans[selector]
@@ -128,7 +140,7 @@ class Reducer:
             if hi >= time_len:
                 raise UserError(f"Item '{rid}': position {hi} is past the sequence length {time_len}.")
         self.ranges = ranges
-        if selector == "all":
+        if is_every(selector):
             self.kind = "all"
         elif all(isinstance(r, int) for r in ranges):
             self.kind = "index"
