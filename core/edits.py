@@ -63,6 +63,13 @@ def _targets(selector: str, rows: Sequence[Positions], ids: Sequence[str],
     return out
 
 
+def _tensor(value: Any) -> torch.Tensor:
+    """A float32 tensor of its own (a stored value may be a read-only memory map)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().float()
+    return torch.from_numpy(np.array(value, dtype=np.float32))
+
+
 def _row_values(edit: Edit, ids: Sequence[str]) -> list[torch.Tensor | None]:
     """The value each row gets (None: the row is not edited): one for every row, or the row's own."""
     if isinstance(edit.value, Mapping):
@@ -70,9 +77,9 @@ def _row_values(edit: Edit, ids: Sequence[str]) -> list[torch.Tensor | None]:
         out = []
         for rid in ids:
             v = edit.value.get(rid)
-            out.append(None if v is None else cache.setdefault(id(v), torch.as_tensor(np.asarray(v, np.float32))))
+            out.append(None if v is None else cache.setdefault(id(v), _tensor(v)))
         return out
-    value = None if edit.value is None else torch.as_tensor(np.asarray(edit.value, np.float32))
+    value = None if edit.value is None else _tensor(edit.value)
     return [value] * len(ids)
 
 

@@ -108,10 +108,19 @@ def _store(out: Path, identity: dict[str, Any], dtype: str) -> ActivationStore:
     return ActivationStore(out / "store" / f"{identity['role']}-{digest}", identity, dtype)
 
 
-def _prompts_key(analysis: Analysis, model: Any, dataset: Dataset) -> str:
-    """The distinct prompts an analysis shows the model: rows collected under other prompts are another store."""
-    seen = sorted({json.dumps([p.user, p.assistant_prefix]) for p in (analysis.prompt(model, it) for it in dataset)})
+def _prompts_key(analysis: Analysis, model: Any, dataset: Dataset, prompt_fn: Any = None) -> str:
+    """The distinct prompts an analysis (or ``prompt_fn``) shows the model: rows collected under other prompts are
+    another store."""
+    prompt_fn = prompt_fn or (lambda it: analysis.prompt(model, it))
+    seen = sorted({json.dumps([p.user, p.assistant_prefix]) for p in map(prompt_fn, dataset)})
     return hashlib.sha256("\n".join(seen).encode()).hexdigest()[:16]
+
+
+def expand(interventions: list[Intervention], dataset: Dataset) -> Dataset:
+    """The items evaluated under the interventions (a sweep's copies, one per condition; see Intervention.expand)."""
+    for iv in interventions:
+        dataset = iv.expand(dataset)
+    return dataset
 
 
 class Pipeline:
@@ -150,9 +159,9 @@ class Pipeline:
             calibration = iv.calibration(self.view, dataset, analysis)
             if calibration is None:
                 continue
-            prompt_fn = lambda it: analysis.prompt(self.view, it)  # noqa: E731
+            prompt_fn = calibration.prompt or (lambda it: analysis.prompt(self.view, it))
             identity = _identity(self.cfg, self.checkpoint, f"calibration{n}", [spec_to_json(iv)],
-                                 _prompts_key(analysis, self.view, calibration.items), None)
+                                 _prompts_key(analysis, self.view, calibration.items, prompt_fn), None)
             store = collect(self.session, calibration.items, calibration.requirements.reads(),
                             _store(self.out, identity, self.cfg.store_dtype), batch_size=self.cfg.batch_size,
                             prompt_fn=prompt_fn, description=f"Calibrating ({iv.name})")
@@ -252,6 +261,7 @@ def execute(cfg: RunConfig, registry: Registry, console: Any) -> tuple[Path, Res
             dataset = pipe.calibrate(interventions, analysis, dataset)
             record["interventions"] = [spec_to_json(iv) for iv in interventions]  # calibrated values included
             record["dataset"].update({"evaluated_items": len(dataset), "ids": [it.id for it in dataset]})
+            dataset = expand(interventions, dataset)
             stores = pipe.collect(analysis, dataset, interventions)
             if n > 1:
                 console.print(f"Shard {k}/{n} collected into {out}. When every shard is done, run the same command "
@@ -291,6 +301,8 @@ def analyze_run(run_dir: Path, spec: str, registry: Registry, console: Any) -> t
     with locked(run_dir):
         record = dict(old)
         pipe = Pipeline(cfg, _load(cfg, registry, console), run_dir, record, console)
+        # what a resolved spec still learns from data (patch: the source states) comes from its calibration store
+        dataset = expand(interventions, pipe.calibrate(interventions, analysis, dataset))
         stores = pipe.collect(analysis, dataset, interventions)
         used, record["stores"] = record.get("stores"), old.get("stores")  # the run's own stores stay its record
         slug = analysis.name
