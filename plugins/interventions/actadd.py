@@ -40,12 +40,12 @@ from lalm_probe.core.store import ActivationStore
 from lalm_probe.core.view import ModelView
 
 
-def pad_with_spaces(texts: tuple[str, str], count, limit: int = 64) -> tuple[str, str]:
+def pad_with_spaces(texts: tuple[str, str], count) -> tuple[str, str]:
     """Right-pad the prompt with fewer tokens with spaces until both have as many (``count``: text -> tokens)."""
     lengths = [count(t) for t in texts]
     short, goal = int(np.argmin(lengths)), max(lengths)
     padded = texts[short]
-    for _ in range(limit):
+    for _ in range(4 * goal):  # a tokenizer that merges runs of spaces may need several per token
         if count(padded) >= goal:
             break
         padded += " "
