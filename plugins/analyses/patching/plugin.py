@@ -24,7 +24,7 @@ from lalm_probe.core.registry import hookimpl
 from lalm_probe.core.results import Result, Table
 from lalm_probe.core.view import ModelView
 from lalm_probe.plugins.analyses.hub.measure import mean_ci
-from lalm_probe.plugins.analyses.patching.measure import logit_difference, normalised_effect
+from lalm_probe.plugins.analyses.patching.measure import normalised_effect
 from lalm_probe.plugins.analyses.patching.plots import effect_map
 
 NEEDS_SWEEP = ("patching reads the copies a patch sweep makes; add --intervention "

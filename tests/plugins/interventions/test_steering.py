@@ -78,6 +78,16 @@ def test_actadd_adds_the_per_position_difference_at_the_start_of_the_text(qwen_s
         assert np.abs(np.delete(added, range(start, start + 4), axis=0)).max() == 0  # nowhere else
 
 
+def test_actadd_without_padding_zero_pads_the_difference(qwen_session, tmp_path):
+    spec = ActAdd(add=["Good"], sub=["Bad"], layer=1, pad="none")
+    calibrated(qwen_session, spec, Dataset(speech(1)), LogitLens(), tmp_path)
+    bare = qwen_session.run([Stimulus("g", text="Good"), Stimulus("b", text="Bad")], ["lm.1.out"], ["all:text"],
+                            prompt_fn=lambda it: Prompt())["lm.1.out@all:text"]
+    expected = bare[0].clone()
+    expected[:3] -= bare[1]
+    np.testing.assert_allclose(np.asarray(spec.diff), expected.numpy(), atol=1e-6)
+
+
 def test_actadd_steers_the_prompt_pass_only(qwen_session, tmp_path):
     spec = ActAdd(add=["Love"], sub=["Hate"], layer=2, coeff=4.0, at="audio")
     items = speech(1)
@@ -132,13 +142,16 @@ def test_steer_vector_is_the_class_mean_difference(qwen_session, tmp_path):
 def test_steer_adds_its_vector_where_and_when_asked(qwen_session):
     vector = np.linspace(-1, 1, 64).astype(np.float32)
     items = speech(2)
-    clean = qwen_session.generate(items, 3, ["lm.5.out"], ["step:1", "step:3"])
+    clean = qwen_session.generate(items, 2, ["lm.5.out"], ["step:1"])
+    runs = {}
     for steps in (None, [1]):
         (edit,) = Steer(vector=vector.tolist(), site="lm.5.out", scale=2.0, steps=steps).edits(qwen_session.view)
-        gen = qwen_session.generate(items, 3, ["lm.5.out"], ["step:1", "step:3"], edits=[edit])
-        torch.testing.assert_close(gen.reads["lm.5.out@step:1"], clean.reads["lm.5.out@step:1"] + 2 * torch.tensor(vector))
-        if steps is None:  # every generated position too: step 3 is the edited state of its token
-            assert not torch.allclose(gen.reads["lm.5.out@step:3"], clean.reads["lm.5.out@step:3"])
+        runs[str(steps)] = gen = qwen_session.generate(items, 2, ["lm.5.out"], ["step:1", "step:2"], edits=[edit])
+        added = clean.reads["lm.5.out@step:1"] + 2 * torch.tensor(vector)
+        torch.testing.assert_close(gen.reads["lm.5.out@step:1"], added)
+    # step 2 reads the first generated token (the same in both runs): added to it only when every step is steered
+    torch.testing.assert_close(runs["None"].reads["lm.5.out@step:2"],
+                               runs["[1]"].reads["lm.5.out@step:2"] + 2 * torch.tensor(vector), atol=1e-5, rtol=1e-5)
     (edit,) = Steer(vector=vector.tolist(), site="lm.5.out", positions="audio").edits(qwen_session.view)
     assert edit.positions == "audio" and edit.steps is None
 
@@ -255,3 +268,43 @@ def test_resolved_values_survive_json_exactly():
     spec = Steer(label="gender", target="female", vector=vector.tolist(), norm=1.4, calibration_items=["a"])
     again = build_params(Steer, json.loads(json.dumps(spec_to_json(spec)))["params"], "steer")
     assert again == spec and np.array_equal(np.asarray(again.vector, np.float32), vector)  # float32 bit for bit
+
+
+# ---- with other analyses -----------------------------------------------------------------------------------
+@pytest.fixture
+def parallel_texts(tmp_path):
+    """Four sentences in English and German as text items, paired by semantic_id."""
+    words = {"s1": ("good morning", "guten morgen"), "s2": ("thank you", "danke schoen"),
+             "s3": ("the red house", "das rote haus"), "s4": ("one two three", "eins zwei drei")}
+    lines = [json.dumps({"id": f"{sid}-{lang}", "text": text, "labels": {"language": lang, "semantic_id": sid}})
+             for sid, pair in words.items() for lang, text in zip(("en", "de"), pair)]
+    path = tmp_path / "texts.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("analysis, interventions", [
+    ("hub:compare=[language],corpus=dataset",
+     ["steer:label=language,target=de,baseline=en,site=lm.3.out,split=all,scale=3"]),
+    ("generate:max_new_tokens=3", ["actadd:add=Good,sub=Bad,layer=2",
+                                   "unembed-steer:new=x,old=y,layer=4,positions=text,strength=50"]),
+    ("generate:max_new_tokens=3", ['patch:pairs={"s4-en":"s3-en"},positions=[all]']),
+])
+def test_the_interventions_compose_with_other_analyses(analysis, interventions, capsys, tmp_path, parallel_texts):
+    out = tmp_path / "run"
+    argv = ["run", *TINY, "--analysis", analysis, "--data", str(parallel_texts), "--out", str(out)]
+    for spec in interventions:
+        argv += ["--intervention", spec]
+    assert main(argv) == 0, capsys.readouterr().err
+    record = json.loads((out / "run.json").read_text())
+    assert [iv["name"] for iv in record["interventions"]] == [s.split(":")[0] for s in interventions]
+    summary = json.loads((out / "results.json").read_text())["summary"]
+    if analysis.startswith("generate"):
+        assert (out / "baseline_outputs.jsonl").is_file() and "outputs changed by the intervention" in summary
+        if "patch" not in interventions[0]:  # a patched prompt may well be continued as before on a tiny model
+            assert summary["outputs changed by the intervention"] >= 1
+    else:
+        arrays = np.load(out / "arrays.npz")
+        steered = [k for k in arrays.files if k.startswith("intervened")]
+        assert steered and not all(np.allclose(arrays[k], arrays[k.replace("intervened", "baseline", 1)])
+                                   for k in steered if k.replace("intervened", "baseline", 1) in arrays.files)
