@@ -77,7 +77,7 @@ def label_pairs(dataset: Dataset, pair_by: str, source: tuple[str, str], targets
 
 def read_selector(position: str) -> str:
     """How a source state is read for a patch position: single positions as they are, spans position by position."""
-    if position in ("last",) or position.startswith(("token:", "all")):
+    if position in ("last", "all") or position.startswith(("token:", "all:")):
         return position
     return f"all:{position}"
 

@@ -168,8 +168,8 @@ class HubLens(Analysis):
         items, own, other, skipped = self.continuations(dataset)
         tok = model.tokenizer
         variants = {"plain": [False], "space": [True], "best": [False, True]}[self.token]
-        ids_own = [[first_token(tok, t, v) for v in variants] for t in own]
-        ids_dom = [[first_token(tok, t, v) for v in variants] for t in other]
+        ids_own = [[t for t in (first_token(tok, x, v) for v in variants) if t is not None] for x in own]
+        ids_dom = [[t for t in (first_token(tok, x, v) for v in variants) if t is not None] for x in other]
         n_layers, ids = self._layers(model), [it.id for it in items]
         lp_own, lp_dom = np.full((len(ids), n_layers), np.nan), np.full((len(ids), n_layers), np.nan)
         vocab = None
@@ -177,9 +177,10 @@ class HubLens(Analysis):
             lp = self._logprobs(model, store.array(f"{self._stack(model)}.{layer}.out@{self.position}", ids)[:], layer)
             vocab = lp.shape[-1]
             for i in range(len(ids)):
-                lp_own[i, layer] = max(lp[i, t] for t in ids_own[i] if t is not None)
-                lp_dom[i, layer] = max(lp[i, t] for t in ids_dom[i] if t is not None)
-        same = np.array([set(a) == set(b) for a, b in zip(ids_own, ids_dom)])
+                if ids_own[i] and ids_dom[i]:
+                    lp_own[i, layer] = max(lp[i, t] for t in ids_own[i])
+                    lp_dom[i, layer] = max(lp[i, t] for t in ids_dom[i])
+        same = np.array([set(a) == set(b) or not a or not b for a, b in zip(ids_own, ids_dom)])
         lp_own, lp_dom = lp_own[~same], lp_dom[~same]
         dom_wins = (lp_dom > lp_own).mean(0) if len(lp_own) else np.full(n_layers, np.nan)
         bands = {"dominant (τ*)": _band(lp_dom), "input language (τ°)": _band(lp_own)}
@@ -194,7 +195,7 @@ class HubLens(Analysis):
         result.figures[f"anchor_{run}"] = curves(bands, f"Eq. 3: lens log-probability of the continuation ({run})",
                                                  "log p_lens", -np.log(vocab or 1), "uniform")
         result.summary.update({"items compared": int((~same).sum()), "items in the dominant language (left out)":
-                               skipped, "items whose two continuations share a first token (left out)":
+                               skipped, "items whose continuations share a first token or have none (left out)":
                                int(same.sum())})
         if len(lp_own):
             mid = int(np.nanargmax(dom_wins))

@@ -92,6 +92,12 @@ class Patching(Analysis):
         if store is None or not copies:
             raise UserError(NEEDS_SWEEP)
         base = list(dict.fromkeys([it.id for it in dataset if "patch_of" not in it.labels]))
+        unpatched = set(base)
+        for it in copies:
+            for role in ("patch_of", "patch_source"):
+                if it.labels[role] not in unpatched:
+                    raise UserError(f"patching: item '{it.labels[role]}' of the copy '{it.id}' was not evaluated "
+                                    "unpatched, so there is nothing to compare the patch with.")
         answers, among = self._answers(model, dataset, base, store)
         tokens = sorted(set(answers.values()))
         col = {t: j for j, t in enumerate(tokens)}
