@@ -85,7 +85,8 @@ class ModelView:
 
     def unembedding(self, ids: Any, stack: str | None = None) -> np.ndarray:
         """Rows of the unembedding matrix ``W_U`` for token ids, ``(len(ids), width)`` float32: what a token's
-        logit reads from the last state (seed 004 steers with ``W_U[new] - W_U[old]``). Read-only copies."""
+        logit reads from the last state (seed 004 steers with ``W_U[new] - W_U[old]``). Copies: the model is never
+        written through them."""
         name = stack or self.lens_stack
         st = self.resolved.get(name) if name else None
         if st is None or st.unembed is None:
