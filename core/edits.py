@@ -8,8 +8,9 @@ earlier read is silently changed. What an edit does after the prompt pass is dec
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from .errors import UserError
@@ -24,9 +25,14 @@ class Edit:
 
     ``op``:
     - ``add``: output[positions] += scale * (value, or the value read at ``source`` = ``site@position``);
-    - ``set``: output[positions][..., units] = value (one value per unit, or one for all);
+    - ``set``: output[positions][..., units] = value (one value per unit, or one for all); without ``units`` the
+      whole state is replaced (state replacement: activation patching);
     - ``block_attention``: in the attention module ``site`` (e.g. ``lm.3.attn``), the query at ``positions``
       may not attend to the keys in the span ``keys``.
+    ``value``: one vector for every position, or a ``(positions, units)`` matrix applied position by position from
+    the start of the range (front-aligned, as ActAdd adds its steering prompts; a matrix longer than an item's
+    range is refused, and after the prompt pass it is not applied again); or a mapping item id -> either, one
+    value per item (items it does not name are left alone).
     ``steps``: decode steps it applies at during generation (None: every step); step 1 is the prompt pass.
     ``items``: the item ids it applies to (None: every item), so one intervention can edit items differently.
     """
@@ -57,14 +63,65 @@ def _targets(selector: str, rows: Sequence[Positions], ids: Sequence[str],
     return out
 
 
+def _tensor(value: Any) -> torch.Tensor:
+    """A float32 tensor of its own (a stored value may be a read-only memory map)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().float()
+    return torch.from_numpy(np.array(value, dtype=np.float32))
+
+
+def _row_values(edit: Edit, ids: Sequence[str]) -> list[torch.Tensor | None]:
+    """The value each row gets (None: the row is not edited): one for every row, or the row's own."""
+    if isinstance(edit.value, Mapping):
+        cache: dict[int, torch.Tensor] = {}
+        out = []
+        for rid in ids:
+            v = edit.value.get(rid)
+            out.append(None if v is None else cache.setdefault(id(v), _tensor(v)))
+        return out
+    value = None if edit.value is None else _tensor(edit.value)
+    return [value] * len(ids)
+
+
+def _fit(edit: Edit, selector: str, targets: list[tuple[int, int]], values: Sequence[torch.Tensor | None],
+         ids: Sequence[str]) -> list[tuple[int, int]]:
+    """Ranges narrowed to what each row's value covers: a ``(positions, units)`` value runs from the start of its
+    range (front-aligned) and must fit in it; a row without a value is not edited."""
+    out = []
+    for (s, e), v, rid in zip(targets, values, ids):
+        if v is None:
+            out.append((0, 0))
+        elif v.ndim == 2:
+            if e > s and len(v) > e - s:
+                raise UserError(f"Edit at '{edit.site}': a value of {len(v)} positions is longer than the {e - s} "
+                                f"positions of item '{rid}' at '{selector}'.")
+            out.append((s, min(e, s + len(v))))
+        else:
+            out.append((s, e))
+    return out
+
+
 def edit_function(edit: Edit, rows: Sequence[Positions], ids: Sequence[str], source_key: str) -> tuple[str, Callable]:
     """The op kind (``edit`` of a value, or ``edit_call`` of a module's arguments) and the function for ``edit``.
 
     ``rows``: each row's positions on the stack of the edited site.
     """
     selector = check_position(edit.positions)
+    values = _row_values(edit, ids) if edit.op in ("add", "set") else []
+    if edit.op == "add" and edit.value is None and edit.source is None:
+        raise UserError(f"Edit at '{edit.site}': 'add' needs a value or a source.")
+    if edit.op == "set" and edit.value is None:
+        raise UserError(f"Edit at '{edit.site}': 'set' needs a value.")
     chosen = None if edit.items is None else set(edit.items)
+    if isinstance(edit.value, Mapping):  # one value per item: only the items it names
+        chosen = set(edit.value) if chosen is None else chosen & set(edit.value)
     targets = _targets(selector, rows, ids, chosen)
+    if values and edit.source is None:
+        targets = _fit(edit, selector, targets, values, ids)
+    # a (positions, units) value covers prompt positions only: after the prompt pass it is not applied again
+    stays = [chosen is None or rid in chosen for rid in ids]
+    if values and edit.source is None:
+        stays = [keep and v is not None and v.ndim == 1 for keep, v in zip(stays, values)]
     repeats = follows_generation(selector)
     # Each item's row on the output's batch axis: its own, unless the stack batches otherwise (audio clips, chunks).
     index = [b if p.row is None else p.row for b, p in enumerate(rows)]
@@ -74,42 +131,52 @@ def edit_function(edit: Edit, rows: Sequence[Positions], ids: Sequence[str], sou
         if state.get("step", 1) <= 1:
             return [(r, s, e) for r, (s, e) in zip(index, targets)]
         s, e = new_position(out.shape[1]) if repeats else (0, 0)
-        return [(b, s, e) if chosen is None or rid in chosen else (b, 0, 0) for b, rid in enumerate(ids)]
+        return [(b, s, e) if keep else (b, 0, 0) for b, keep in enumerate(stays)]
+
+    def width(v: torch.Tensor, out: torch.Tensor) -> None:
+        if v.shape[-1] != out.shape[-1]:
+            raise UserError(f"Edit at '{edit.site}': a vector of width {v.shape[-1]} cannot be added to "
+                            f"{out.shape[-1]} units.")
 
     if edit.op == "add":
-        vector = None if edit.value is None else torch.as_tensor(edit.value)
-        if vector is None and edit.source is None:
-            raise UserError(f"Edit at '{edit.site}': 'add' needs a value or a source.")
 
         def add(out: torch.Tensor, state: dict) -> torch.Tensor:
-            spots = where(out, state)
-            delta = state[source_key] if edit.source else vector.to(out.device, out.dtype).expand(len(spots), -1)
-            if delta.shape[-1] != out.shape[-1]:
-                raise UserError(f"Edit at '{edit.site}': a vector of width {delta.shape[-1]} cannot be added to "
-                                f"{out.shape[-1]} units.")
             new = out.clone()
-            for b, (r, s, e) in enumerate(spots):
-                new[r, s:e] += edit.scale * delta[b].to(out.dtype)
+            for b, (r, s, e) in enumerate(where(out, state)):
+                if e <= s:
+                    continue
+                delta = state[source_key][b] if edit.source else values[b].to(out.device, out.dtype)
+                width(delta, out)
+                new[r, s:e] += edit.scale * delta.to(out.dtype)
             return new
 
         return "edit", add
 
     if edit.op == "set":
-        if not edit.units:
-            raise UserError(f"Edit at '{edit.site}': 'set' needs a list of units.")
-        units = torch.as_tensor(edit.units, dtype=torch.long)
-        values = torch.as_tensor(edit.value, dtype=torch.float32).reshape(-1)
-        if values.numel() not in (1, len(units)):
-            raise UserError(f"Edit at '{edit.site}': {values.numel()} values for {len(units)} units.")
+        units = None if edit.units is None else torch.as_tensor(edit.units, dtype=torch.long)
+        if units is not None:
+            if not len(units):
+                raise UserError(f"Edit at '{edit.site}': 'set' got an empty list of units.")
+            for v in values:
+                if v is not None and v.numel() not in (1, len(units)):
+                    raise UserError(f"Edit at '{edit.site}': {v.numel()} values for {len(units)} units.")
 
         def set_units(out: torch.Tensor, state: dict) -> torch.Tensor:
-            u = units.to(out.device)
-            if int(u.max()) >= out.shape[-1]:
-                raise UserError(f"Edit at '{edit.site}': unit {int(u.max())} is out of range ({out.shape[-1]} units).")
             new = out.clone()
-            v = values.to(out.device, out.dtype).expand(len(u))
-            for r, s, e in where(out, state):
-                new[r, s:e, u] = v
+            if units is not None:
+                u = units.to(out.device)
+                if int(u.max()) >= out.shape[-1]:
+                    raise UserError(f"Edit at '{edit.site}': unit {int(u.max())} is out of range ({out.shape[-1]} "
+                                    "units).")
+            for b, (r, s, e) in enumerate(where(out, state)):
+                if e <= s:
+                    continue
+                v = values[b].to(out.device, out.dtype)
+                if units is None:
+                    width(v, out)
+                    new[r, s:e] = v
+                else:
+                    new[r, s:e, u] = v.reshape(-1).expand(len(u))
             return new
 
         return "edit", set_units

@@ -16,12 +16,12 @@ its own store, and hands it to :meth:`Intervention.calibrate` before any edit is
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from .edits import Edit
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .data import Dataset
+    from .data import Dataset, Stimulus
     from .model import Prompt
     from .outputs import OutputStore
     from .results import Result
@@ -92,11 +92,13 @@ class Stores:
 @dataclass
 class Calibration:
     """What an intervention learns from before the run: ``requirements`` collected on ``items`` (with the
-    analysis's prompts), after which the run evaluates ``evaluate`` (the items left once a probing split is out)."""
+    analysis's prompts, or ``prompt``'s), after which the run evaluates ``evaluate`` (the items left once a probing
+    split is out)."""
 
     items: "Dataset"
     evaluate: "Dataset"
     requirements: Requirements
+    prompt: "Callable[[Stimulus], Prompt] | None" = None  # e.g. steering prompts read bare, without an instruction
 
 
 class Intervention:
@@ -115,6 +117,12 @@ class Intervention:
     def calibrate(self, model: "ModelView", calibration: Calibration, store: "ActivationStore",
                   analysis: "Analysis") -> None:
         """Resolve data-dependent parameters from the calibration store (they are saved with the run)."""
+
+    def expand(self, dataset: "Dataset") -> "Dataset":
+        """The items the run evaluates, after calibration: by default the dataset itself. A sweep returns copies of
+        items, one per condition (with labels naming it), so one run holds every condition. It is a function of
+        the resolved spec and the data, so a rerun (``probe analyze``) rebuilds the same copies."""
+        return dataset
 
     def edits(self, model: "ModelView") -> list[Edit]:
         raise NotImplementedError

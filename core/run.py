@@ -109,10 +109,27 @@ def _store(out: Path, identity: dict[str, Any], dtype: str) -> ActivationStore:
     return ActivationStore(out / "store" / f"{identity['role']}-{digest}", identity, dtype)
 
 
-def _prompts_key(analysis: Analysis, model: Any, dataset: Dataset) -> str:
-    """The distinct prompts an analysis shows the model: rows collected under other prompts are another store."""
-    seen = sorted({json.dumps([p.user, p.assistant_prefix]) for p in (analysis.prompt(model, it) for it in dataset)})
+def _prompts_key(analysis: Analysis, model: Any, dataset: Dataset, prompt_fn: Any = None) -> str:
+    """The distinct prompts an analysis (or ``prompt_fn``) shows the model: rows collected under other prompts are
+    another store."""
+    prompt_fn = prompt_fn or (lambda it: analysis.prompt(model, it))
+    seen = sorted({json.dumps([p.user, p.assistant_prefix]) for p in map(prompt_fn, dataset)})
     return hashlib.sha256("\n".join(seen).encode()).hexdigest()[:16]
+
+
+def expanded_items(variants: list[Variant], dataset: Dataset) -> Dataset:
+    """The items evaluated under the interventions (a patch sweep's copies, one per condition; see
+    Intervention.expand); every variant of a sweep must evaluate the same ones."""
+    out = None
+    for v in variants:
+        items = dataset
+        for iv in v.interventions:
+            items = iv.expand(items)
+        if out is not None and [it.id for it in items] != [it.id for it in out]:
+            raise UserError(f"The variants of this sweep evaluate different items ('{variants[0].name}' and "
+                            f"'{v.name}'); sweep only parameters that keep the evaluated items the same.")
+        out = items
+    return out if out is not None else dataset
 
 
 class Pipeline:
@@ -152,9 +169,9 @@ class Pipeline:
             calibration = iv.calibration(self.view, dataset, analysis)
             if calibration is None:
                 continue
-            prompt_fn = lambda it: analysis.prompt(self.view, it)  # noqa: E731
+            prompt_fn = calibration.prompt or (lambda it: analysis.prompt(self.view, it))
             identity = _identity(self.cfg, self.checkpoint, "calibration", [],
-                                 _prompts_key(analysis, self.view, calibration.items), None)
+                                 _prompts_key(analysis, self.view, calibration.items, prompt_fn), None)
             store = collect(self.session, calibration.items, calibration.requirements.reads(),
                             _store(self.out, identity, self.cfg.store_dtype), batch_size=self.cfg.batch_size,
                             prompt_fn=prompt_fn, description=f"Calibrating ({iv.name})")
@@ -310,6 +327,7 @@ def execute(cfg: RunConfig, registry: Registry, console: Any) -> tuple[Path, Res
             dataset = _calibrate_variants(pipe, variants, analysis, dataset)
             _record_variants(record, variants)  # calibrated values included
             record["dataset"].update({"evaluated_items": len(dataset), "ids": [it.id for it in dataset]})
+            dataset = expanded_items(variants, dataset)
             stores = pipe.collect(analysis, dataset, variants)
             if n > 1:
                 console.print(f"Shard {k}/{n} collected into {out}. When every shard is done, run the same command "
@@ -340,7 +358,7 @@ def analyze_run(run_dir: Path, spec: str, registry: Registry, console: Any) -> t
     cfg = RunConfig(**old["config"])
     _seed(cfg.seed)
     analysis = build_spec(registry, "analysis", spec)
-    if "sweep" in old:  # each variant as it was resolved (its calibration is not repeated)
+    if "sweep" in old:  # each variant as it was resolved (calibrated again only for what a spec still reads)
         variants = [Variant(v["name"], v["params"], [build_spec(registry, "intervention", s) for s in
                                                      v["interventions"]]) for v in old["sweep"]["variants"]]
     else:
@@ -354,6 +372,8 @@ def analyze_run(run_dir: Path, spec: str, registry: Registry, console: Any) -> t
     with locked(run_dir):
         record = dict(old)
         pipe = Pipeline(cfg, _load(cfg, registry, console), run_dir, record, console)
+        # what a resolved spec still learns from data (patch: the source states) comes from its calibration store
+        dataset = expanded_items(variants, _calibrate_variants(pipe, variants, analysis, dataset))
         stores = pipe.collect(analysis, dataset, variants)
         used, record["stores"] = record.get("stores"), old.get("stores")  # the run's own stores stay its record
         slug = analysis.name

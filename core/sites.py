@@ -77,6 +77,10 @@ def check_position(selector: str) -> str:
     """Validate a selector's syntax early, before any model runs."""
     if selector in ("last", "mean", "all"):
         return selector
+    if selector.startswith("all:"):
+        if not selector[4:].replace("_", "").isalnum():
+            raise UserError(f"Position '{selector}': expected 'all:<span>' (e.g. all:text, all:audio).")
+        return selector
     if selector.startswith(("step:", "prefix:")):
         num = selector.split(":", 1)[1]
         if not num.isdigit() or int(num) < 1:
@@ -89,11 +93,15 @@ def check_position(selector: str) -> str:
         except ValueError:
             raise UserError(f"Position '{selector}': expected 'token:<integer>'.") from None
         return selector
-    span = selector[4:] if selector.startswith("all:") else selector
-    if span.replace("_", "").isalnum():
-        return selector  # a span name (or every position of one); checked per row
+    if selector.replace("_", "").isalnum():
+        return selector  # a span name; checked per row
     raise UserError(f"Unknown position '{selector}'. Use last, mean, all, all:<span>, token:<i>, step:<t>, "
                     "prefix:<t> or a span name (audio, text).")
+
+
+def is_every(selector: str) -> bool:
+    """Whether a selector reads every position of its range one by one (``all``, ``all:<span>``)."""
+    return selector == "all" or selector.startswith("all:")
 
 
 def row_range(pos: Positions, selector: str, row_id: str) -> tuple[int, int] | int:
@@ -108,7 +116,8 @@ def row_range(pos: Positions, selector: str, row_id: str) -> tuple[int, int] | i
             raise UserError(f"Position '{selector}' is out of range for item '{row_id}' "
                             f"({pos.length} positions).")
         return pos.offset + (i % pos.length)
-    selector = selector[4:] if selector.startswith("all:") else selector
+    if selector.startswith("all:"):
+        selector = selector[4:]
     if selector not in pos.spans:
         raise UserError(f"Item '{row_id}' has no '{selector}' span (it has: {', '.join(pos.spans) or 'none'}).")
     s, e = pos.spans[selector]
@@ -131,7 +140,7 @@ class Reducer:
             if hi >= time_len:
                 raise UserError(f"Item '{rid}': position {hi} is past the sequence length {time_len}.")
         self.ranges = ranges
-        if selector == "all" or selector.startswith("all:"):
+        if is_every(selector):
             self.kind = "all"
         elif all(isinstance(r, int) for r in ranges):
             self.kind = "index"

@@ -102,6 +102,21 @@ class ModelView:
         with torch.no_grad():
             out = model.get_submodule(st.final_norm)(x.to(self._plugin.device, dtype=next(model.parameters()).dtype))
         return out.double().cpu().numpy()
+    def unembedding(self, ids: Any, stack: str | None = None) -> np.ndarray:
+        """Rows of the unembedding matrix ``W_U`` for token ids, ``(len(ids), width)`` float32: what a token's
+        logit reads from the last state (seed 004 steers with ``W_U[new] - W_U[old]``). Copies: the model is never
+        written through them."""
+        name = stack or self.lens_stack
+        st = self.resolved.get(name) if name else None
+        if st is None or st.unembed is None:
+            raise UserError(f"Model '{self.name}' has no stack '{name}' with an unembedding.")
+        weight = self._plugin.model.get_submodule(st.unembed).weight
+        rows = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if len(rows) and not (0 <= rows.min() and rows.max() < weight.shape[0]):
+            raise UserError(f"Token id {int(rows.max() if rows.max() >= weight.shape[0] else rows.min())} is outside "
+                            f"the unembedding's {weight.shape[0]} rows.")
+        with torch.no_grad():
+            return weight[torch.as_tensor(rows, device=weight.device)].float().cpu().numpy().copy()
 
     def decode_tokens(self, ids: Any) -> list[str]:
         """Token ids as readable text (byte-level BPE pieces decoded, not shown as ``ĠÐ¸``)."""

@@ -98,6 +98,22 @@ CASES = {
                          "permission denied", None),
     "analyze an unfinished folder": (["analyze", "EMPTY", "--analysis", "logitlens"], 2, "is not a finished run",
                                      None),
+    # steering and patching
+    "empty steering prompt": ([*RUN, "--analysis", "logitlens", "--intervention", "actadd:add=,sub=Bad"], 2,
+                              "a steering prompt is empty", "OUT"),
+    "steering prompt longer than the text": ([*RUN, "--analysis", "logitlens:attribute=gender,prompt_format=qa",
+                                              "--intervention", "actadd:layer=2,sub=Bad,add=a steering prompt that "
+                                              "goes on and on for much longer than the question it is added to"],
+                                             2, "a value of 86 positions is longer than the 48 positions of item "
+                                             "'item0' at 'text'", None),
+    "steering vector of the wrong width": ([*RUN, "--analysis", "logitlens", "--intervention",
+                                            "steer:vector=[1,2,3],site=lm.3.out"], 2,
+                                           "the vector has 3 units but site 'lm.3.out' has 64", "OUT/store"),
+    "steering label value that does not exist": ([*RUN, "--analysis", "logitlens", "--intervention",
+                                                  "steer:label=gender,target=robot"], 2,
+                                                 "no item has gender 'robot' (values: female, male)", "OUT"),
+    "patch source that does not exist": ([*RUN, "--analysis", "logitlens", "--intervention", "patch:source=nobody"],
+                                         2, "source item 'nobody' is not in the data", "OUT"),
 }
 CSV = "site,stack,layer,component,unit,ap,on_p50,on_p90,off_mean,off_p50\ntext_decoder.0.fc1,text_decoder,0,fc1,0,1,1,1,0,0\n"
 AUDIO = {"audio missing": None, "audio not audio": b"this is not audio", "audio zero bytes": b"",

@@ -53,8 +53,8 @@ from lalm_probe.core.results import Result
 from lalm_probe.core.threads import capped
 from lalm_probe.core.view import ModelView
 from lalm_probe.plugins.analyses import reps
-from lalm_probe.plugins.analyses.svcca.measure import EPSILON
 from lalm_probe.plugins.analyses.svcca.compare import NAMES, Comparisons
+from lalm_probe.plugins.analyses.svcca.measure import EPSILON
 from lalm_probe.plugins.analyses.svcca.reader import Point, Reader
 
 BASELINES = {"random": ("random",), "shuffled": ("shuffled",), "both": ("random", "shuffled"), "none": ()}
