@@ -27,6 +27,7 @@ Several pairs are summed, each front-aligned. Choices, with the reference they f
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -54,6 +55,10 @@ def pad_with_spaces(texts: tuple[str, str], count) -> tuple[str, str]:
                         f"'{texts[1 - short]}' (this tokenizer merges spaces); give prompts of equal token length, "
                         "or pad=none.")
     return (padded, texts[1]) if short == 0 else (texts[0], padded)
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def front_aligned_difference(adds: list[np.ndarray], subs: list[np.ndarray]) -> np.ndarray:
@@ -107,11 +112,14 @@ class ActAdd(Intervention):
         def count(text: str) -> int:
             return len(model.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-        items = []
-        for i, pair in enumerate(zip(self.add, self.sub)):
+        items: dict[str, Stimulus] = {}
+        self._order = []  # item ids of add, sub, add, sub, ...
+        for pair in zip(self.add, self.sub):
             texts = pad_with_spaces(pair, count) if self.pad == "spaces" else pair
-            items += [Stimulus(f"actadd-{i}-add", text=texts[0]), Stimulus(f"actadd-{i}-sub", text=texts[1])]
-        return Dataset(items, name="actadd-prompts")
+            for text in texts:  # ids name the text: calibrations share one store, so another prompt is another row
+                self._order.append(f"actadd:{_digest(text)}")
+                items.setdefault(self._order[-1], Stimulus(self._order[-1], text=text))
+        return Dataset(list(items.values()), name="actadd-prompts")
 
     def calibration(self, model: ModelView, dataset: Dataset, analysis: Analysis) -> Calibration | None:
         site = self.site(model)
@@ -125,10 +133,8 @@ class ActAdd(Intervention):
 
     def calibrate(self, model: ModelView, calibration: Calibration, store: ActivationStore,
                   analysis: Analysis) -> None:
-        ids = [it.id for it in calibration.items]
-        states = dict(zip(ids, store.ragged(f"{self.site(model)}@all:text", ids)))
-        adds = [states[f"actadd-{i}-add"] for i in range(len(self.add))]
-        subs = [states[f"actadd-{i}-sub"] for i in range(len(self.sub))]
+        states = store.ragged(f"{self.site(model)}@all:text", self._order)
+        adds, subs = states[0::2], states[1::2]
         if self.pad == "spaces":
             for i, (a, s) in enumerate(zip(adds, subs)):
                 if len(a) != len(s):

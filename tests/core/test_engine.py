@@ -153,5 +153,5 @@ def test_all_positions_of_a_span_are_the_spans_rows_of_all(qwen_session):
     for b, row in enumerate(prepared.rows):
         s, e = row["lm"].spans["text"]
         torch.testing.assert_close(out["lm.2.out@all:text"][b], out["lm.2.out@all"][b][s:e])
-    with pytest.raises(UserError, match="Unknown position"):
+    with pytest.raises(UserError, match="expected .all:<span>."):
         qwen_session.run(items, ["lm.2.out"], ["all:te xt"])

@@ -316,9 +316,11 @@ def test_resource_levels_equal_n_and_shared_tokens(tmp_path):
             it.text = f"{s} {words[it.labels['language']]} {'und' if it.labels['language'] in ('de', 'en') else ''}"
     data = Dataset(items)
 
-    class Words:
+    class Words:  # one id per distinct word (no hash collisions)
+        vocab: dict[str, int] = {}
+
         def __call__(self, text, add_special_tokens=False):
-            return {"input_ids": [hash(w) % 997 for w in text.split()]}
+            return {"input_ids": [self.vocab.setdefault(w, len(self.vocab)) for w in text.split()]}
 
     view = stub_view(depths, tokenizer=Words())
     levels = tmp_path / "levels.tsv"
