@@ -289,6 +289,7 @@ def parallel_texts(tmp_path):
     ("generate:max_new_tokens=3", ["actadd:add=Good,sub=Bad,layer=2",
                                    "unembed-steer:new=x,old=y,layer=4,positions=text,strength=50"]),
     ("generate:max_new_tokens=3", ['patch:pairs={"s4-en":"s3-en"},positions=[all]']),
+    ("neurons:components=[mlp_up],stacks=[lm],steps=[],k=2", ["actadd:add=Good,sub=Bad,layer=1,coeff=20"]),
 ])
 def test_the_interventions_compose_with_other_analyses(analysis, interventions, capsys, tmp_path, parallel_texts):
     out = tmp_path / "run"
@@ -303,8 +304,28 @@ def test_the_interventions_compose_with_other_analyses(analysis, interventions, 
         assert (out / "baseline_outputs.jsonl").is_file() and "outputs changed by the intervention" in summary
         if "patch" not in interventions[0]:  # a patched prompt may well be continued as before on a tiny model
             assert summary["outputs changed by the intervention"] >= 1
+    elif analysis.startswith("neurons"):  # the steered run's AP table is its own (layer 1 on: steered states)
+        table = "expertise/language=de/text/last.csv"
+        assert (out / table).read_text() != (out / "intervened" / table).read_text()
     else:
         arrays = np.load(out / "arrays.npz")
         steered = [k for k in arrays.files if k.startswith("intervened")]
         assert steered and not all(np.allclose(arrays[k], arrays[k.replace("intervened", "baseline", 1)])
                                    for k in steered if k.replace("intervened", "baseline", 1) in arrays.files)
+
+
+def test_an_actadd_sweep_calibrates_once_and_scale_zero_is_the_baseline(capsys, tmp_path, parallel_texts):
+    out = tmp_path / "sweep"
+    assert main(["run", *TINY, "--analysis", "logitlens:label=language", "--data", str(parallel_texts), "--out",
+                 str(out), "--intervention", "actadd:add=Good,sub=Bad,layer=1,coeff=[0,30]"]) == 0, \
+        capsys.readouterr().err
+    record = json.loads((out / "run.json").read_text())
+    variants = record["sweep"]["variants"]
+    assert [v["params"]["coeff"] for v in variants] == [0, 30]
+    diffs = [np.asarray(v["interventions"][0]["params"]["diff"]) for v in variants]
+    assert np.array_equal(diffs[0], diffs[1]) and np.abs(diffs[0]).max() > 0  # one calibration, both variants
+    assert len(list((out / "store").glob("calibration-*"))) == 1
+    results = json.loads((out / "results.json").read_text())
+    per = {r["coeff"]: r["accuracy"] for r in next(t for t in results["tables"]
+                                                    if t["title"] == "accuracy per variant")["rows"]}
+    assert per[0] == pytest.approx(results["summary"]["accuracy (baseline @last)"])
