@@ -60,6 +60,19 @@ class ModelView:
         """Units of a site (``lm.3.mlp_act``)."""
         return self._plugin.width(site)
 
+    def layer_site(self, who: str, stack: str | None, layer: int | None, component: str = "out",
+                   unembed: bool = False) -> str:
+        """``<stack>.<layer>.<component>`` for an intervention's options: the lens stack and its middle layer by
+        default, refused (naming ``who``) when the stack is missing, lacks a needed unembedding, or is too short."""
+        stack = stack or self.lens_stack
+        st = self.resolved.get(stack) if stack else None
+        if st is None or (unembed and st.unembed is None):
+            raise UserError(f"{who}: '{self.name}' has no stack '{stack}'{' with an unembedding' if unembed else ''}.")
+        layer = st.num_layers // 2 if layer is None else layer
+        if not 0 <= layer < st.num_layers:
+            raise UserError(f"{who}: layer {layer} is out of range; stack '{stack}' has layers 0..{st.num_layers - 1}.")
+        return f"{stack}.{layer}.{component}"
+
     def causal(self, stack: str) -> bool:
         """Whether a stack is an LM / decoder (its last position has read the whole input) rather than an encoder."""
         st = self.resolved[stack]

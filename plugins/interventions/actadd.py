@@ -98,14 +98,7 @@ class ActAdd(Intervention):
             raise UserError(f"actadd: pad must be 'spaces' or 'none', not '{self.pad}'.")
 
     def site(self, model: ModelView) -> str:
-        stack = self.stack or model.lens_stack
-        if stack not in model.resolved:
-            raise UserError(f"actadd: the model has no stack '{stack}'.")
-        n = model.resolved[stack].num_layers
-        layer = n // 2 if self.layer is None else self.layer
-        if not 0 <= layer < n:
-            raise UserError(f"actadd: layer {layer} is out of range; stack '{stack}' has layers 0..{n - 1}.")
-        return f"{stack}.{layer}.{self.component}"
+        return model.layer_site("actadd", self.stack, self.layer, self.component)
 
     def prompts(self, model: ModelView) -> Dataset:
         """The steering prompts as text items, padded as the reference pads them."""

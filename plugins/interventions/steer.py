@@ -84,10 +84,9 @@ class Steer(Intervention):
         if self.site is not None:
             model.width(self.site)  # an unknown or out-of-range site is refused here
             return self.site
-        stack = model.lens_stack
-        if stack is None:
+        if model.lens_stack is None:
             raise UserError(f"steer: '{model.name}' has no LM stack to default to; give site=<stack.layer.out>.")
-        return f"{stack}.{model.resolved[stack].num_layers // 2}.out"
+        return model.layer_site("steer", None, None)
 
     def _values(self, dataset: Dataset, where: str) -> None:
         """Refuse a missing label or a value no item has."""

@@ -58,14 +58,7 @@ class UnembedSteer(Intervention):
         return self.new.startswith(LABEL) or self.old.startswith(LABEL)
 
     def _site(self, model: ModelView) -> str:
-        stack = self.stack or model.lens_stack
-        if stack not in model.resolved or model.resolved[stack].unembed is None:
-            raise UserError(f"unembed-steer: '{model.name}' has no stack '{stack}' with an unembedding.")
-        n = model.resolved[stack].num_layers
-        layer = n // 2 if self.layer is None else self.layer
-        if not 0 <= layer < n:
-            raise UserError(f"unembed-steer: layer {layer} is out of range; stack '{stack}' has layers 0..{n - 1}.")
-        return f"{stack}.{layer}.{self.component}"
+        return model.layer_site("unembed-steer", self.stack, self.layer, self.component, unembed=True)
 
     def _word(self, spec: str, item) -> str:
         if not spec.startswith(LABEL):

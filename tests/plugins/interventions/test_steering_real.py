@@ -11,7 +11,6 @@ Figures are printed (``pytest -s``) and asserted with margins. They skip without
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -22,16 +21,8 @@ pytestmark = pytest.mark.real
 
 
 @pytest.fixture(scope="module")
-def base():
-    from lalm_probe.core.engine import Session
-    from lalm_probe.plugins.models.ct2 import find_offline_whisper
-    from lalm_probe.plugins.models.whisper import Whisper
-
-    if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng is not installed")
-    if find_offline_whisper("base") is None:
-        pytest.skip("offline Whisper base packages are not installed")
-    return Session(Whisper.load("offline:base"))
+def base(whisper_base):
+    return whisper_base
 
 
 def _synth(query: str):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 
 import numpy as np
 import pytest
@@ -19,16 +18,8 @@ pytestmark = pytest.mark.real
 
 
 @pytest.fixture(scope="module")
-def base():
-    from lalm_probe.core.engine import Session
-    from lalm_probe.plugins.models.ct2 import find_offline_whisper
-    from lalm_probe.plugins.models.whisper import Whisper
-
-    if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng is not installed")
-    if find_offline_whisper("base") is None:
-        pytest.skip("offline Whisper base packages are not installed")
-    return Session(Whisper.load("offline:base"))
+def base(whisper_base):
+    return whisper_base
 
 
 def _words(text: str) -> list[str]:
