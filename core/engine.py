@@ -282,7 +282,11 @@ class Session:
         steps = max((step_of(sel)[0] for _, sel in reads if step_of(sel)), default=1)
         if max_new_tokens < steps:
             raise UserError(f"Reading decode step {steps} needs at least {steps} new tokens, not {max_new_tokens}.")
-        gen = self.plugin.generation_inputs(prepared)
+        first = [e for e in edits if e.steps is None or 1 in e.steps]
+        if first and self.plugin.decides_before_generating(prepared):
+            gen = self.plugin.generation_inputs(prepared, self._last_logits(prepared, ids, first))
+        else:
+            gen = self.plugin.generation_inputs(prepared)
         gen.inputs = self._to_device(gen.inputs)
         room = self.plugin.room(gen)
         if room is not None and max_new_tokens > room:
@@ -297,6 +301,14 @@ class Session:
         values, result = self.tracer.generate(gen.inputs, ops, max_new_tokens, until_eos, **kwargs)
         sequences = getattr(result, "sequences", result)
         return Generation(values, sequences, self.plugin.decode_outputs(sequences, gen), gen)
+
+    def _last_logits(self, prepared: Prepared, ids: Sequence[str], edits: Sequence[Edit]) -> torch.Tensor:
+        """The model's logits at the forward prompt's last position with ``edits`` applied: the lens of the lens
+        stack's last layer (``unembed(norm(h))``, which is the model's own head)."""
+        stack = self.plugin.lens_stack
+        site = f"{stack}.{self.plugin.resolved[stack].num_layers - 1}.out"
+        (hidden,) = self.trace(prepared, ids, self.reads([site], ["last"]), edits).values()
+        return self.lens(hidden, stack)
 
     def _targets(self, items: Sequence[Stimulus], key: str, steps: int) -> list[list[int]]:
         """Token ids of each item's target text; step t needs t-1 forced tokens before it."""

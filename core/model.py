@@ -192,8 +192,15 @@ class ModelPlugin:
         """Extra keyword arguments for ``model.generate`` (greedy by default, so runs are reproducible)."""
         return {"do_sample": False, "num_beams": 1}
 
-    def generation_inputs(self, prepared: Prepared) -> Prepared:
-        """The batch as ``generate`` takes it; its rows say where the decoder prompt sits on per-step stacks."""
+    def decides_before_generating(self, prepared: Prepared) -> bool:
+        """Whether :meth:`generation_inputs` decides something from the forward prompt's last logits (Whisper detects
+        the language there); the engine then hands it those logits computed under the run's prompt-pass edits."""
+        return False
+
+    def generation_inputs(self, prepared: Prepared, first_logits: torch.Tensor | None = None) -> Prepared:
+        """The batch as ``generate`` takes it; its rows say where the decoder prompt sits on per-step stacks.
+        ``first_logits``: ``(rows, vocab)`` at the forward prompt's last position, edits applied (see
+        :meth:`decides_before_generating`)."""
         if prepared.generate_inputs is None:
             return prepared
         return Prepared(prepared.generate_inputs, prepared.rows, meta=dict(prepared.meta))

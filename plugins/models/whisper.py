@@ -14,8 +14,9 @@ Options (``--model whisper:language=de,task=translate``):
 Decoder prompt. In a plain forward pass (collection) the decoder reads ``<|startoftranscript|>`` alone when the
 language is detected, so its last position is where Whisper identifies the language; with a forced language it
 reads the full prompt ``<|startoftranscript|><|xx|><|task|><|notimestamps|>``. Generation always runs with the
-full prompt: a detected language is detected first (one untraced pass), so decode step 1 predicts the first
-word in both cases and no hidden detection pass shifts the step numbering.
+full prompt: a detected language is detected first (one pass over ``<|startoftranscript|>``, with the run's
+prompt-pass edits applied when there are any), so decode step 1 predicts the first word in both cases and no
+hidden detection pass shifts the step numbering.
 """
 
 from __future__ import annotations
@@ -186,8 +187,13 @@ class Whisper(ModelPlugin):
                                                        "language": languages},
                         meta={"prefixed": any(prefixes)})
 
-    def generation_inputs(self, prepared: Prepared) -> Prepared:
-        """Full decoder prompt per row; a language to detect is detected here, outside any trace."""
+    def decides_before_generating(self, prepared: Prepared) -> bool:
+        return bool(self.languages) and any(lang is None for lang in (prepared.generate_inputs or {}).get("language", ()))
+
+    def generation_inputs(self, prepared: Prepared, first_logits: torch.Tensor | None = None) -> Prepared:
+        """Full decoder prompt per row; a language to detect is detected here, before generating: from
+        ``first_logits`` (the logits at ``<|startoftranscript|>`` with the run's edits applied) when given, else by
+        an untraced ``detect_language``; both take Whisper's rule, the most probable language token."""
         if prepared.meta.get("prefixed"):
             raise UserError("Whisper reads a given start of the transcript (an assistant prefix) in forward reads "
                             "only; to decode after a forced transcript use --force-target <label>.")
@@ -195,8 +201,12 @@ class Whisper(ModelPlugin):
         languages = list(inputs.pop("language"))
         detected = [False] * len(languages)
         if self.languages and any(lang is None for lang in languages):
-            with torch.no_grad():
-                found = self.model.detect_language(inputs["input_features"]).tolist()
+            lang_ids = list(self.model.generation_config.lang_to_id.values())
+            if first_logits is not None:
+                found = [lang_ids[i] for i in first_logits[:, lang_ids].argmax(-1).tolist()]
+            else:
+                with torch.no_grad():
+                    found = self.model.detect_language(inputs["input_features"]).tolist()
             id_to_lang = {i: t[2:-2] for t, i in self.model.generation_config.lang_to_id.items()}
             detected = [lang is None for lang in languages]
             languages = [lang or id_to_lang[i] for lang, i in zip(languages, found)]

@@ -2,8 +2,8 @@
 
 With no language forced, Whisper's decoder reads ``<|startoftranscript|>`` alone and detects the language as the
 most probable language token there (``detect_language``): that position is step 1 of the decision, and the last
-layer's lens of it is the model's own output. The tests read the detected language from it, so an edit in the
-decoder is seen (``generate`` detects the language outside the trace, before any edit).
+layer's lens of it is the model's own output. The tests read the detected language from it (``generate`` detects
+it the same way, under the same edits).
 
 Figures are printed (``pytest -s``) and asserted with margins. They skip without the weight packages or espeak-ng.
 """
@@ -56,10 +56,14 @@ def test_a_mean_difference_vector_moves_the_detected_language(base, tmp_path):
     calibration = spec.calibration(base.view, fit, LogitLens())
     store = collect(base, calibration.items, calibration.requirements.reads(), ActivationStore(tmp_path, {}))
     spec.calibrate(base.view, calibration, store, LogitLens())
-    rates = {}
+    rates, langs = {}, {}
     for scale in (0.0, 1.0, 2.0):
-        found = detected(base, test, replace(spec, scale=scale).edits(base.view))
-        rates[scale] = float(np.mean([lang == "de" for lang in found]))
+        langs[scale] = detected(base, test, replace(spec, scale=scale).edits(base.view))
+        rates[scale] = float(np.mean([lang == "de" for lang in langs[scale]]))
+    steered = replace(spec, scale=2.0).edits(base.view)
+    outputs = [o for start in range(0, len(test), 10) for o in base.generate(test[start:start + 10], 1,
+                                                                             edits=steered).outputs]
+    assert [o["language"] for o in outputs] == langs[2.0]  # generate detects under the same edits
     control = replace(spec, vector=None, control="random", seed=0)
     control.calibrate(base.view, calibration, store, LogitLens())
     found = detected(base, test, replace(control, scale=2.0).edits(base.view))

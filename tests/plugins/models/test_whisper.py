@@ -132,6 +132,26 @@ def test_outputs_report_detected_or_forced_language(whisper):
     assert [(o["language"], o["language_detected"]) for o in gen.outputs] == [("fr", False)] * 2
 
 
+def test_a_detected_language_is_detected_under_the_runs_edits(whisper):
+    """Detection runs the ``<|startoftranscript|>`` pass with the prompt-pass edits applied (Whisper's rule on the
+    edited logits); without edits it is ``detect_language``; edits at later steps only leave it alone."""
+    plugin = whisper.plugin
+    items = clips(3)
+    plain = [o["language"] for o in whisper.generate(items, 2).outputs]
+    feats = whisper.prepare(items).generate_inputs["input_features"]
+    ids = plugin.model.detect_language(feats).tolist()
+    id_to_lang = {i: t[2:-2] for t, i in plugin.model.generation_config.lang_to_id.items()}
+    assert plain == [id_to_lang[i] for i in ids]
+    target = next(lang for lang in plugin.languages if lang not in plain)
+    last = f"decoder.{plugin.resolved['decoder'].num_layers - 1}.out"
+    w_u = whisper.view.unembedding([plugin.model.generation_config.lang_to_id[f"<|{target}|>"]])[0]
+    push = Edit(last, "add", positions="last", value=w_u / (w_u @ w_u) * 1e4)  # dominates the last state
+    steered = whisper.generate(items, 2, edits=[push])
+    assert [(o["language"], o["language_detected"]) for o in steered.outputs] == [(target, True)] * 3
+    later = whisper.generate(items, 2, edits=[Edit(last, "add", positions="last", value=w_u * 1e4, steps=[2])])
+    assert [o["language"] for o in later.outputs] == plain
+
+
 def _manifest(tmp_path, with_text: bool = True):
     import soundfile as sf
 
