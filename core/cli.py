@@ -63,16 +63,23 @@ def show_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]
 
 def cmd_list(args: argparse.Namespace) -> int:
     reg = _registry()
-    rows = []
+    rows, models = [], []
     for kind in ("model", "analysis", "intervention", "dataset", "data command"):
         for name in reg.names(kind):
             e = reg.entries[kind][name]
             about = getattr(e.obj, "description", "") or (e.obj.__doc__ or "").strip().split("\n")[0]
-            rows.append([kind, name, e.package, about])
+            if kind == "model":  # where its layers are and where its weights come from, without loading it
+                models.append([name, e.package, ", ".join(s.name for s in e.obj.stacks),
+                               str(e.obj.default_checkpoint), about])
+            else:
+                rows.append([kind, name, e.package, about])
+    model_columns = ("model", "package", "stacks", "default weights", "description")
     if args.json:
-        print(json.dumps({"plugins": [dict(zip(("kind", "name", "package", "description"), r)) for r in rows],
+        print(json.dumps({"models": [dict(zip(model_columns, r)) for r in models],
+                          "plugins": [dict(zip(("kind", "name", "package", "description"), r)) for r in rows],
                           "skipped": reg.skipped}, indent=1))
         return 0
+    show_table("lalm-probe models (`--checkpoint` takes a hub id, a local folder or tiny)", model_columns, models)
     show_table("lalm-probe plugins", ("kind", "name", "package", "description"), rows)
     for line in reg.skipped:  # shown here too: PYTHONWARNINGS=ignore would hide the warning
         console.print(f"[yellow]skipped:[/yellow] {escape(line)}", soft_wrap=True, highlight=False)
@@ -328,6 +335,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         err_console.print(f"[red]interrupted[/red]; rerun the same command with{escape(where)} to resume.",
                           soft_wrap=True, highlight=False)
         return 130
+    except BrokenPipeError:  # `probe list | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 0
     except OSError as exc:  # the file system: a full disk, a read-only folder, a permission
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
             raise

@@ -19,6 +19,19 @@ def run_cli(capsys, *argv: str) -> tuple[int, str]:
 def test_list_shows_every_kind(capsys):
     code, out = run_cli(capsys, "list")
     assert code == 0 and "qwen2audio" in out and "logitlens" in out and "layer-enrich" in out
+    code, out = run_cli(capsys, "list", "--json")
+    models = {m["model"]: m for m in json.loads(out)["models"]}
+    assert models["seamless-m4t-v2"]["stacks"] == "speech_encoder, speech_adaptor, text_encoder, text_decoder, cross_kv"
+    assert models["whisper"]["default weights"] == "offline:base"  # every model says where its weights come from
+    assert all(m["stacks"] and m["default weights"] for m in models.values())
+
+
+def test_a_closed_pipe_ends_the_listing_quietly():
+    listing = subprocess.Popen([sys.executable, "-m", "lalm_probe.core.cli", "list"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    listing.stdout.close()  # the reader is gone before anything is written, as with `| head -0`
+    assert listing.wait(timeout=120) == 0
+    assert b"Traceback" not in listing.stderr.read()
 
 
 def test_info_shows_stacks_and_sites(capsys):

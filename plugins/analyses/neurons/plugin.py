@@ -30,6 +30,7 @@ from lalm_probe.core.plugin import Analysis, Reads, Requirements, Stores
 from lalm_probe.core.registry import hookimpl
 from lalm_probe.core.results import Result, Table
 from lalm_probe.core.view import ModelView
+from lalm_probe.core.vocab import is_canonical
 from lalm_probe.plugins.analyses.neurons.expertise import unit_expertise
 from lalm_probe.plugins.analyses.neurons.overlap import (
     DEFINITIONS,
@@ -95,10 +96,11 @@ class Neurons(Analysis):
             raise UserError(f"neurons: k must be at least 1, not {self.k}.")
         if any(t < 1 for t in self.steps):
             raise UserError("neurons: decode steps are numbered from 1 (the prompt pass).")
-        unknown = [c for c in self.components if c not in GROUPS and c not in GROUPS["all"]]
+        unknown = [c for c in self.components if c not in GROUPS and not is_canonical(c)]
         if unknown:
-            raise UserError(f"neurons: unknown component(s) {unknown}; use component names ({', '.join(GROUPS['all'])}) "
-                            f"or groups ({', '.join(GROUPS)}).")
+            raise UserError(f"neurons: unknown component(s) {unknown}; use groups ({', '.join(GROUPS)}: seed 002's "
+                            "units) or any component of the site vocabulary (`probe info`), e.g. mlp_act, "
+                            "expert0_act, moe_router.")
 
     # ---- what to collect -------------------------------------------------------------------------------
     def _components(self) -> list[str]:
@@ -228,7 +230,8 @@ class Neurons(Analysis):
                 for layer, comp in zip(table.layer[rows].tolist(), table.component[rows].tolist()):
                     counts[(layer, comp)] = counts.get((layer, comp), 0) + 1
         for (modality, pos, stack), counts in by.items():
-            comps = sorted({c for _, c in counts}, key=GROUPS["all"].index)
+            comps = sorted({c for _, c in counts}, key=lambda c: (GROUPS["all"].index(c) if c in GROUPS["all"]
+                                                                  else len(GROUPS["all"]), c))
             grid = np.zeros((model.resolved[stack].num_layers, len(comps)))
             for (layer, comp), n in counts.items():
                 grid[layer, comps.index(comp)] = n
