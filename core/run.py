@@ -293,8 +293,15 @@ def _load(cfg: RunConfig, registry: Registry, console: Any) -> Session:
     cls = registry.get("model", name)
     checkpoint = cfg.checkpoint or cls.default_checkpoint
     console.print(f"Loading [bold]{name}[/bold] ({checkpoint}) …")
-    return Session(cls.load(checkpoint, device=cfg.device, dtype=cfg.dtype, device_map=cfg.device_map,
-                            options=options))
+    return Session(cls.load(checkpoint, device=process_device(cfg.device), dtype=cfg.dtype,
+                            device_map=cfg.device_map, options=options))
+
+
+def process_device(device: str) -> str:
+    """``--device cuda`` under torchrun / accelerate (``LOCAL_RANK`` set) is this process's own GPU, so the shards
+    of one machine do not all load onto GPU 0; an explicit ``cuda:i`` is kept."""
+    local = os.environ.get("LOCAL_RANK")
+    return f"cuda:{int(local)}" if device == "cuda" and local is not None and local.isdigit() else device
 
 
 def execute(cfg: RunConfig, registry: Registry, console: Any) -> tuple[Path, Result | None]:

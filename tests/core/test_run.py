@@ -55,6 +55,28 @@ def test_shards_collect_apart_and_the_plain_run_merges_and_analyses(capsys, tmp_
     assert json.loads((tmp_path / "one/results.json").read_text()) == json.loads((sharded / "results.json").read_text())
 
 
+def test_torchrun_ranks_shard_the_run_and_pick_their_own_gpu(capsys, tmp_path, gender_manifest, monkeypatch):
+    """Under torchrun / accelerate, RANK and WORLD_SIZE shard the collection as --shard would, and LOCAL_RANK picks
+    each process's GPU for --device cuda."""
+    from lalm_probe.core.run import process_device, shard_of
+
+    args = [*TINY, "--analysis", "logitlens:attribute=gender,positions=[last]", "--data", str(gender_manifest),
+            "--batch-size", "3", "--out", str(tmp_path / "ranks")]
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert shard_of(None) == (int(rank), 2)
+        code, text = run(capsys, "run", *args)
+        assert code == 0 and f"Shard {rank}/2 collected" in text
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert (process_device("cuda"), process_device("cuda:0"), process_device("cpu")) == ("cuda:1", "cuda:0", "cpu")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name)
+    code, text = run(capsys, "run", *args)  # the merge: the same command outside torchrun
+    assert code == 0, text
+    assert not list((tmp_path / "ranks").glob("store/*/segments/*"))  # every row came from the two parts
+
+
 def test_a_rerun_with_other_settings_is_refused_and_leaves_the_run_untouched(capsys, tmp_path, gender_manifest):
     out = tmp_path / "run"
     base = [*TINY, "--data", str(gender_manifest), "--out", str(out)]
