@@ -7,9 +7,11 @@ naming the file and the reason before a model is loaded, instead of failing half
 
 from __future__ import annotations
 
+import os
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -30,6 +32,38 @@ def _reason(exc: BaseException) -> str:
     if name == "LibsndfileError" and ":" in text:
         text = text.rsplit(":", 1)[-1].strip()
     return text.rstrip(".") or name
+
+
+@contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 (C libraries write there directly) for the duration of a decode."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to silence
+        yield
+        return
+    with open(os.devnull, "wb") as null:
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _wav_shortfall(path: Path) -> tuple[int, int] | None:
+    """(declared, present) bytes of a WAV's data chunk when the file ends before it (decoders read what is there
+    without a word), else None."""
+    with path.open("rb") as f:
+        if f.read(12)[8:12] != b"WAVE":
+            return None
+        while len(head := f.read(8)) == 8:
+            size = int.from_bytes(head[4:], "little")
+            if head[:4] == b"data":
+                present = path.stat().st_size - f.tell()
+                return (size, present) if size > present and size != 0xFFFFFFFF else None  # 0xFFFFFFFF: streamed
+            f.seek(size + (size & 1), os.SEEK_CUR)
+    return None
 
 
 def _decode(item: Stimulus, rate: int | None) -> tuple[np.ndarray, int]:
@@ -54,11 +88,14 @@ def _decode(item: Stimulus, rate: int | None) -> tuple[np.ndarray, int]:
         if not path.is_file():
             raise UserError(f"Item '{item.id}': audio file not found: {path}")
         try:
-            with warnings.catch_warnings():  # decoders warn before failing over to another; the reason says it
-                warnings.simplefilter("ignore")
+            with warnings.catch_warnings(), _quiet_stderr():  # decoders warn (in Python and in C, e.g. mpg123)
+                warnings.simplefilter("ignore")                # before failing over to another; the reason says it
                 wav, rate = librosa.load(str(path), sr=rate, mono=True)
         except Exception as exc:  # soundfile, audioread and ffmpeg raise many types for bad files
             raise UserError(f"Item '{item.id}': cannot decode {path}: {_reason(exc)}.") from None
+        if path.suffix.lower() == ".wav" and (short := _wav_shortfall(path)):
+            raise UserError(f"Item '{item.id}': {path} is truncated: its header promises {short[0]} bytes of audio "
+                            f"and the file holds {short[1]}.")
     if wav.size == 0:
         raise UserError(f"Item '{item.id}': {where} holds no samples.")
     if not np.all(np.isfinite(wav)):

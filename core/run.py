@@ -282,6 +282,12 @@ def _record_variants(record: dict[str, Any], variants: list[Variant]) -> None:
         for v in variants]}
 
 
+def _nothing_kept(out: Path, record: dict[str, Any]) -> bool:
+    """A run that failed before collecting anything (a mistyped option found after loading) holds nothing worth
+    protecting, so a corrected command may take its folder."""
+    return record.get("status") in ("failed", "interrupted") and not any((out / "store").glob("**/segments/*/*"))
+
+
 def _seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -309,6 +315,9 @@ def execute(cfg: RunConfig, registry: Registry, console: Any) -> tuple[Path, Res
     _seed(cfg.seed)
     model_name = split_spec(cfg.model)[0]
     registry.get("model", model_name)
+    if not cfg.baseline and not cfg.interventions:
+        raise UserError("--no-baseline leaves out the run without interventions, and there is no --intervention; "
+                        "drop --no-baseline (or add an intervention).")
     analysis = build_spec(registry, "analysis", cfg.analysis)
     variants = expand(registry, cfg.interventions)
     dataset = resolve_dataset(cfg.data or DEFAULT_DATA, registry.dataset_sources())
@@ -321,7 +330,7 @@ def execute(cfg: RunConfig, registry: Registry, console: Any) -> tuple[Path, Res
     with locked(out, ".lock" if n == 1 else f".lock-{k}-of-{n}"):
         old = read_record(out)
         config = asdict(cfg)
-        if old is not None and (why := differing_setting(old["config"], config)):
+        if old is not None and (why := differing_setting(old["config"], config)) and not _nothing_kept(out, old):
             raise UserError(f"{out} holds another run ({why}); rerun with the same settings to resume it, or "
                             "choose another --out folder.")
         record = {"status": "running", "config": config, "analysis": spec_to_json(analysis), "versions": versions(),

@@ -18,6 +18,19 @@ from .model import ModelPlugin, Prompt
 from .stacks import ResolvedStack
 
 
+def _tensor(x: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """A tensor of ``x``; a read-only array (a memory-mapped store slice) is copied, as torch cannot guard it."""
+    if isinstance(x, torch.Tensor):
+        return x
+    arr = np.asarray(x)
+    return torch.from_numpy(arr if arr.flags.writeable else arr.copy())
+
+
+def _visible(text: str) -> str:
+    """Non-printable characters other than space, newline and tab as ``\\xNN`` escapes."""
+    return "".join(c if c.isprintable() or c in " \n\t" else c.encode("unicode_escape").decode() for c in text)
+
+
 class ModelView:
     """What an analysis may know about a loaded model plugin."""
 
@@ -93,8 +106,7 @@ class ModelView:
         if st.unembed is None:
             raise UserError(f"Stack '{name}' has no unembedding; the logit lens needs one.")
         model = self._plugin.model
-        h = torch.as_tensor(np.asarray(hidden) if not isinstance(hidden, torch.Tensor) else hidden)
-        h = h.to(self._plugin.device, dtype=next(model.parameters()).dtype)
+        h = _tensor(hidden).to(self._plugin.device, dtype=next(model.parameters()).dtype)
         norm = norm or (layer is not None and layer % st.num_layers == st.num_layers - 1)
         with torch.no_grad():
             if norm and st.final_norm is not None:
@@ -108,7 +120,7 @@ class ModelView:
         after this norm; ``<stack>.<L-1>.out`` is before it.
         """
         st = self.resolved[stack]
-        x = hidden if isinstance(hidden, torch.Tensor) else torch.as_tensor(np.asarray(hidden))
+        x = _tensor(hidden)
         if st.final_norm is None:
             return x.double().cpu().numpy()
         model = self._plugin.model
@@ -132,5 +144,6 @@ class ModelView:
             return weight[torch.as_tensor(rows, device=weight.device)].float().cpu().numpy().copy()
 
     def decode_tokens(self, ids: Any) -> list[str]:
-        """Token ids as readable text (byte-level BPE pieces decoded, not shown as ``ĠÐ¸``)."""
-        return [self.tokenizer.decode([int(i)]) for i in np.asarray(ids).reshape(-1)]
+        """Token ids as readable text (byte-level BPE pieces decoded, not shown as ``ĠÐ¸``); control characters are
+        written as escapes (``\\x06``), so tables and plots show every token."""
+        return [_visible(self.tokenizer.decode([int(i)])) for i in np.asarray(ids).reshape(-1)]

@@ -84,6 +84,10 @@ class AudioFlamingo3(AudioLM):
               final_norm=("model.language_model.norm",), unembed=("lm_head",), hidden_states="hidden_states"),
     )
 
+    def max_seconds(self) -> float:
+        fe = self.processor.feature_extractor  # whole windows up to the processor's cap (10 min); it cuts the rest
+        return (self.processor.max_audio_len // fe.chunk_length) * fe.chunk_length
+
     def encode(self, texts: list[str], clips: list[np.ndarray]) -> dict[str, Any]:
         # How many windows the processor cuts each clip into (the inputs do not say which windows are whose).
         window = self.sample_rate * self.processor.feature_extractor.chunk_length

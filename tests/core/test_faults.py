@@ -45,6 +45,8 @@ CASES = {
                         "has 1 value(s) in the data (male); scoring needs at least two", "OUT"),
     "options that do nothing": ([*RUN, "--analysis", "logitlens:label=gender", "--force-target", "gender"], 2,
                                 "--force-target forces the decoded prefix", "OUT/store"),
+    "no baseline and no intervention": ([*RUN, "--analysis", "logitlens", "--no-baseline"], 2,
+                                        "there is no --intervention; drop --no-baseline", "OUT"),
     "no new tokens": ([*RUN, "--analysis", "generate:max_new_tokens=0"], 2, "max_new_tokens must be at least 1",
                       "OUT"),
     "probing split too small": ([*RUN, "--analysis", "logitlens:label=gender", "--intervention", "layer-enrich"],
@@ -90,6 +92,10 @@ CASES = {
                          "holds no samples", "OUT"),
     "audio not finite": ([*RUN[:-4], "--data", "AUDIO", "--out", "OUT", "--analysis", "logitlens"], 2,
                          "NaN or infinite samples", "OUT"),
+    "audio truncated": ([*RUN[:-4], "--data", "AUDIO", "--out", "OUT", "--analysis", "logitlens"], 2,
+                        "is truncated: its header promises 60000 bytes of audio and the file holds 2956", "OUT"),
+    "audio garbage mp3": ([*RUN[:-4], "--data", "MP3", "--out", "OUT", "--analysis", "logitlens"], 2,
+                          "cannot decode", "OUT"),
     "clip too long": ([*RUN[:-4], "--data", "AUDIO", "--out", "OUT", "--analysis", "logitlens"], 2,
                       "longer than the 5 s 'qwen2audio' reads whole", "OUT/store"),
     # file systems
@@ -119,6 +125,8 @@ CSV = "site,stack,layer,component,unit,ap,on_p50,on_p90,off_mean,off_p50\ntext_d
 AUDIO = {"audio missing": None, "audio not audio": b"this is not audio", "audio zero bytes": b"",
          "audio no samples": wav(np.zeros(0, np.float32)),
          "audio not finite": wav(np.array([0.1, np.nan, 0.2], np.float32), "FLOAT"),
+         "audio truncated": lambda path: (wav(np.zeros(30000, np.float32))(path),
+                                          path.write_bytes(path.read_bytes()[:3000])),
          "clip too long": wav((0.1 * np.sin(np.arange(96000) / 9)).astype(np.float32))}  # 6 s; the tiny window is 5 s
 
 
@@ -136,12 +144,14 @@ def test_bad_input_is_one_line_with_the_right_exit_status(case, capsys, tmp_path
             (tmp_path / "x.wav").write_bytes(write)
         elif write is not None:
             write(tmp_path / "x.wav")
+    (tmp_path / "y.mp3").write_bytes(b"\xff\xfb" + bytes(range(256)) * 40)  # an MPEG sync word, then garbage
     (tmp_path / "file").write_text("not a folder")
     (tmp_path / "spec.json").write_text("{broken")
     (tmp_path / "empty").mkdir()
     swap = {"DATA": str(gender_manifest), "OUT": str(tmp_path / "out"), "FILE": str(tmp_path / "file"),
             "SPEC": str(tmp_path / "spec.json"), "EMPTY": str(tmp_path / "empty"),
             "AUDIO": _manifest(tmp_path / "audio.jsonl", [{"id": "x", "audio": "x.wav", "labels": {"gender": "m"}}]),
+            "MP3": _manifest(tmp_path / "mp3.jsonl", [{"id": "y", "audio": "y.mp3", "labels": {"gender": "m"}}]),
             "ONE": _manifest(tmp_path / "one.jsonl", [{"id": f"t{i}", "text": "hi", "labels": {"gender": "male"}}
                                                       for i in range(3)])}
     tables = tmp_path / "tables" / "expertise" / "gender=male" / "speech"

@@ -88,6 +88,19 @@ def test_a_rerun_with_other_settings_is_refused_and_leaves_the_run_untouched(cap
     assert run(capsys, "run", *base, "--analysis", "logitlens:attribute=gender")[0] == 0  # the same run: fine
 
 
+def test_a_run_that_failed_before_collecting_gives_its_folder_to_the_corrected_command(capsys, tmp_path,
+                                                                                       gender_manifest):
+    out = tmp_path / "run"
+    base = [*TINY, "--data", str(gender_manifest), "--out", str(out)]
+    code, text = run(capsys, "run", *base, "--analysis", "logitlens:attribute=gender,positions=[token:-9999]")
+    assert code == 2 and json.loads((out / "run.json").read_text())["status"] == "failed"
+    code, text = run(capsys, "run", *base, "--analysis", "logitlens:attribute=gender")
+    assert code == 0, text
+    assert json.loads((out / "run.json").read_text())["status"] == "complete"
+    code, text = run(capsys, "run", *base, "--analysis", "logitlens:attribute=gender,norm=false")
+    assert code == 2 and "holds another run" in text  # a finished run keeps its folder
+
+
 def test_a_second_process_on_the_same_folder_is_refused(capsys, tmp_path):
     from lalm_probe.core.rundir import locked
 

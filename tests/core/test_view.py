@@ -37,3 +37,10 @@ def test_final_norm_gives_hf_hidden_states_last_entry(qwen_session):
     normed = qwen_session.view.final_norm(mine["lm.7.out@last"], "lm")
     np.testing.assert_allclose(normed, out.hidden_states[-1][rows, last].double().numpy(), rtol=1e-4, atol=1e-5)
     assert not np.allclose(normed, mine["lm.7.out@last"].double().numpy(), atol=1e-3)  # the block output differs
+
+
+def test_control_characters_in_tokens_are_shown_as_escapes():
+    from lalm_probe.core.view import _visible
+
+    assert _visible("a\x06b\x7f") == "a\\x06b\\x7f"
+    assert _visible(" über\tnew\nline 中文") == " über\tnew\nline 中文"

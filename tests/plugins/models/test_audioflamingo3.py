@@ -85,3 +85,11 @@ def test_the_cli_runs_the_logit_lens_and_clusters_on_the_audio_encoder(capsys, t
         assert json.loads((out / "run.json").read_text())["status"] == "complete"
     assert main(["info", "--model", "audioflamingo3", "--checkpoint", "tiny"]) == 0
     assert "nvidia/audio-flamingo-3-hf" in capsys.readouterr().out
+
+
+def test_clips_past_the_processors_cap_are_refused_not_cut(session):
+    """The processor keeps the first max_audio_len seconds of a clip (10 min); the plugin says so, so a longer clip
+    is refused before collection instead of being read cut."""
+    fe = session.plugin.processor.feature_extractor
+    assert session.plugin.max_seconds() == session.plugin.processor.max_audio_len == 600
+    assert session.plugin.max_seconds() % fe.chunk_length == 0
