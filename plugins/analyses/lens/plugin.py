@@ -264,28 +264,38 @@ class LogitLens(Analysis):
                          for layer in range(lp.shape[0])]
                 result.figures[f"information_score_{name}_{pos.replace(':', '')}"] = score_plot(
                     curves, n, self.alpha, f"{self.label}: information score per layer ({tag})")
-        curve = information_scores(base["positions"][first]["label_probs"], targets)
-        peak = int(np.nanargmax(curve))
-        p_peak = above_chance(round(curve[peak] * len(targets)), len(targets), n, tests=len(curve))
         result.summary.update({"labels": ys, "chance": 1 / n, "correct / incorrect items":
-                               f"{int(correct.sum())} / {int((~correct).sum())}",
-                               "p_above_chance (peak layer, Bonferroni over layers)": p_peak})
-        if p_peak < 0.05:
-            reached = int(np.argmax(curve >= 0.9 * curve[peak]))
-            result.summary["summary (the tool's, not a paper metric)"] = (
-                f"'{self.label}' is read off the lens at {first} above chance (p = {p_peak:.2g}); the information "
-                f"score peaks at {curve[peak]:.0%} at layer {peak} and first reaches 90% of that at layer {reached} "
-                f"(layers 0..{len(curve) - 1}); accuracy at the last layer {curve[-1]:.0%}, chance {1 / n:.0%}.")
-        else:
-            result.summary["summary (the tool's, not a paper metric)"] = (
-                f"No layer reads '{self.label}' above chance ({1 / n:.0%}; best {curve[peak]:.0%} at layer {peak}, "
-                f"p = {p_peak:.2g}): nothing to report.")
+                               f"{int(correct.sum())} / {int((~correct).sum())}"})
         result.notes.append("critical layer (Eq. 3-4): the score-weighted mean layer, in site indices from 0 (the "
                             "paper counts from 1: add 1). It is a mean over layers, hence fractional; NaN means no "
                             f"layer cleared (1+alpha)/|Y| = {(1 + self.alpha) / n:.3f}.")
         result.tables.append(Table("Information score per layer", rows))
-        result.arrays["confusion"] = conf = confusion(targets, final_pred, n)
-        result.tables.append(Table(f"Per label at the last layer @{first} (rows: true label)", [
+        for k, (name, run) in enumerate(runs.items()):  # the chance test and the confusion of every run
+            self._chance(result, run["positions"][first]["label_probs"], targets, ys, first, name, k == 0)
+
+    def _chance(self, result: Result, label_probs: np.ndarray, targets: np.ndarray, ys: list[str], first: str,
+                run: str, main: bool) -> None:
+        """Whether any layer reads the label above chance (binomial, Bonferroni over layers), the tool's one-line
+        summary, and the last layer's per-label table of one run; the ``main`` (first) run's keys carry no name."""
+        n = len(ys)
+        curve = information_scores(label_probs, targets)
+        peak = int(np.nanargmax(curve))
+        p_peak = above_chance(round(curve[peak] * len(targets)), len(targets), n, tests=len(curve))
+        tag = "" if main else f" ({run})"
+        result.summary[f"p_above_chance{tag} (peak layer, Bonferroni over layers)"] = p_peak
+        if p_peak < 0.05:
+            reached = int(np.argmax(curve >= 0.9 * curve[peak]))
+            line = (f"'{self.label}' is read off the lens at {first} above chance (p = {p_peak:.2g}); the information "
+                    f"score peaks at {curve[peak]:.0%} at layer {peak} and first reaches 90% of that at layer "
+                    f"{reached} (layers 0..{len(curve) - 1}); accuracy at the last layer {curve[-1]:.0%}, chance "
+                    f"{1 / n:.0%}.")
+        else:
+            line = (f"No layer reads '{self.label}' above chance ({1 / n:.0%}; best {curve[peak]:.0%} at layer {peak}, "
+                    f"p = {p_peak:.2g}): nothing to report.")
+        result.summary[f"summary{tag} (the tool's, not a paper metric)"] = line
+        pred = label_probs[-1].argmax(-1)
+        result.arrays["confusion" if main else f"{run}/confusion"] = conf = confusion(targets, pred, n)
+        result.tables.append(Table(f"Per label at the last layer @{first} ({run}) (rows: true label)", [
             {"label": y, "items": int(conf[i].sum()), "accuracy": conf[i, i] / conf[i].sum() if conf[i].sum() else None,
              "read as": ", ".join(f"{ys[j]} {conf[i, j]}" for j in np.argsort(-conf[i]) if conf[i, j] and j != i)}
             for i, y in enumerate(ys) if conf[i].sum() or conf[:, i].sum()]))

@@ -117,3 +117,26 @@ def test_the_tools_own_summary_is_labelled_and_tested_against_chance():
         assert "critical_layer (baseline @last)" in result.summary  # the paper's metric, beside it
         text = result.summary["summary (the tool's, not a paper metric)"]
         assert ("is read off the lens" in text) == claims and ("nothing to report" in text) == (not claims)
+
+
+def test_an_intervened_run_gets_its_own_chance_test_and_per_label_table(capsys, tmp_path, gender_manifest):
+    import json
+
+    from lalm_probe.core.cli import main
+
+    out = tmp_path / "masked"
+    assert main(["run", "--model", "qwen2audio", "--checkpoint", "tiny", "--analysis",
+                 "logitlens:attribute=gender,prompt_format=mc", "--intervention", "audio-mask", "--data",
+                 str(gender_manifest), "--out", str(out)]) == 0, capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    summary, arrays = results["summary"], np.load(out / "arrays.npz")
+    for key in ("p_above_chance (peak layer, Bonferroni over layers)",
+                "p_above_chance (intervened) (peak layer, Bonferroni over layers)"):
+        assert 0.0 <= summary[key] <= 1.0
+    titles = [t["title"] for t in results["tables"] if t["title"].startswith("Per label")]
+    assert titles == ["Per label at the last layer @last (baseline) (rows: true label)",
+                      "Per label at the last layer @last (intervened) (rows: true label)"]
+    for run, name in (("baseline", "confusion"), ("intervened", "intervened/confusion")):
+        predicted = arrays[f"{run}/last/label_probs"][-1].argmax(-1)
+        assert arrays[name].sum() == len(predicted) and np.trace(arrays[name]) == pytest.approx(
+            summary[f"accuracy ({run} @last)"] * len(predicted))
