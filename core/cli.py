@@ -2,6 +2,8 @@
 subcommands plugins contribute.
 
 User errors print one line and exit with status 2; no traceback. Anything else is a bug and keeps its traceback.
+The ``run``, ``check`` and ``collate`` modules are imported by their commands: they load transformers and nnsight
+(about 0.6 s), which ``probe list`` and ``--help`` do not need.
 """
 
 from __future__ import annotations
