@@ -77,12 +77,18 @@ class StoredArray:
     selects, so a caller can stream a 20k x 100k key by unit chunks (``array[:, a:b]``) or row chunks.
     """
 
-    def __init__(self, key: str, places: list[tuple[_Segment, int]], ids: list[str], dtype: str) -> None:
+    def __init__(self, key: str, table: dict[str, tuple[_Segment, int, str]], ids: list[str], dtype: str) -> None:
         self.key, self.ids, self.dtype = key, ids, dtype
-        self._segments = list({id(seg): seg for seg, _ in places}.values())
-        number = {id(seg): n for n, seg in enumerate(self._segments)}
-        self._seg = np.array([number[id(seg)] for seg, _ in places], dtype=np.int32)
-        self._row = np.array([row for _, row in places], dtype=np.int64)
+        self._segments: list[_Segment] = []
+        number: dict[int, int] = {}
+        self._seg = np.empty(len(ids), dtype=np.int32)  # filled in place: no per-row Python objects are kept
+        self._row = np.empty(len(ids), dtype=np.int64)
+        for n, i in enumerate(ids):
+            seg, row, _ = table[i]
+            if id(seg) not in number:
+                number[id(seg)] = len(self._segments)
+                self._segments.append(seg)
+            self._seg[n], self._row[n] = number[id(seg)], row
         first = self._segments[0].open(key) if self._segments else np.zeros((0, 0))
         self.shape = (len(ids), *first.shape[1:])
 
@@ -258,7 +264,10 @@ class ActivationStore:
         return self._index
 
     def _held(self, key: str) -> dict[str, tuple[_Segment, int, str]]:
-        return {i: v for i, v in self._rows().get(key, {}).items() if v[0] is not None}
+        table = self._rows().get(key, {})
+        if all(v[0] is not None for v in table.values()):
+            return table  # the usual case, without a copy of the index
+        return {i: v for i, v in table.items() if v[0] is not None}
 
     def keys(self) -> list[str]:
         return [k for k in self._rows() if self._held(k)]
@@ -290,7 +299,7 @@ class ActivationStore:
                             f"e.g. '{lacking[0]}'.")
         if any(table[i][0].lengths(key) is not None for i in ids[:1]):
             raise UserError(f"'{key}' holds every position of each item; read it with ragged().")
-        return StoredArray(key, [(table[i][0], table[i][1]) for i in ids], ids, self.dtype)
+        return StoredArray(key, table, ids, self.dtype)
 
     def ragged(self, key: str, order: Sequence[str]) -> list[np.ndarray]:
         """A ragged key (every position of each item): one ``(positions, ...)`` array per id of ``order``."""
