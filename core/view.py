@@ -73,14 +73,21 @@ class ModelView:
         """Units of a site (``lm.3.mlp_act``)."""
         return self._plugin.width(site)
 
-    def layer_site(self, who: str, stack: str | None, layer: int | None, component: str = "out",
-                   unembed: bool = False) -> str:
-        """``<stack>.<layer>.<component>`` for an intervention's options: the lens stack and its middle layer by
-        default, refused (naming ``who``) when the stack is missing, lacks a needed unembedding, or is too short."""
+    def stack_named(self, who: str, stack: str | None, unembed: bool = False) -> str:
+        """A plugin option's stack (default: the lens stack), refused (naming ``who``) when the model lacks it or,
+        with ``unembed``, when it has no unembedding to read outputs through."""
         stack = stack or self.lens_stack
         st = self.resolved.get(stack) if stack else None
         if st is None or (unembed and st.unembed is None):
             raise UserError(f"{who}: '{self.name}' has no stack '{stack}'{' with an unembedding' if unembed else ''}.")
+        return stack
+
+    def layer_site(self, who: str, stack: str | None, layer: int | None, component: str = "out",
+                   unembed: bool = False) -> str:
+        """``<stack>.<layer>.<component>`` for an intervention's options: the lens stack and its middle layer by
+        default, refused (naming ``who``) when the stack is missing, lacks a needed unembedding, or is too short."""
+        stack = self.stack_named(who, stack, unembed)
+        st = self.resolved[stack]
         layer = st.num_layers // 2 if layer is None else layer
         if not 0 <= layer < st.num_layers:
             raise UserError(f"{who}: layer {layer} is out of range; stack '{stack}' has layers 0..{st.num_layers - 1}.")

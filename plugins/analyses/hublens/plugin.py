@@ -87,10 +87,7 @@ class HubLens(Analysis):
             raise UserError("hub-lens: test=audio needs label=<key>, the label whose words are scored.")
 
     def _stack(self, model: ModelView) -> str:
-        name = self.stack or model.lens_stack
-        if not name or name not in model.resolved or model.resolved[name].unembed is None:
-            raise UserError(f"hub-lens: '{model.name}' has no stack '{name}' with an unembedding for the lens.")
-        return name
+        return model.stack_named("hub-lens", self.stack, unembed=True)
 
     # ---- inputs ------------------------------------------------------------------------------------------
     def _native(self, item: Stimulus) -> str | None:

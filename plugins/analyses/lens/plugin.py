@@ -74,10 +74,7 @@ class LogitLens(Analysis):
 
     # ---- set-up ------------------------------------------------------------------------------------
     def _stack(self, model: ModelView) -> str:
-        name = self.stack or model.lens_stack
-        if not name or name not in model.resolved or model.resolved[name].unembed is None:
-            raise UserError(f"Model '{model.name}' has no stack '{name}' with an unembedding for the logit lens.")
-        return name
+        return model.stack_named("logitlens", self.stack, unembed=True)
 
     def _positions(self, model: ModelView) -> list[str]:
         """``last``, plus the penultimate token where the lens stack is an LM reading the prompt (AudioLens' two

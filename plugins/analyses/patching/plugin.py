@@ -42,10 +42,7 @@ class Patching(Analysis):
     chunk: int = 64
 
     def _stack(self, model: ModelView) -> str:
-        name = self.stack or model.lens_stack
-        if not name or name not in model.resolved or model.resolved[name].unembed is None:
-            raise UserError(f"patching: '{model.name}' has no stack '{name}' with an unembedding to read outputs.")
-        return name
+        return model.stack_named("patching", self.stack, unembed=True)
 
     def check(self, dataset: Dataset) -> None:
         if self.label:
