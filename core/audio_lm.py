@@ -37,6 +37,9 @@ class AudioLM(ModelPlugin):
         """Every subclass takes ``chat_template`` beside its own options."""
         super().__init_subclass__(**kwargs)
         cls.option_defaults = {"chat_template": True, **cls.option_defaults}
+        cls.option_help = {"chat_template": "false: the input without the chat template (the clip's markup, then "
+                                            "the text), so the last position is the input's own last token",
+                           **cls.option_help}
 
     def configure(self, **options: Any) -> "AudioLM":
         super().configure(**options)

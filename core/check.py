@@ -166,7 +166,9 @@ def check_lens(session: Session, items: Sequence[Stimulus]) -> list[Finding]:
     ref = logits[torch.arange(len(items)), last.to(logits.device)]
     hidden = seen["h"][torch.arange(len(items)), last.to(seen["h"].device)] if "h" in seen else values[f"{key}@last"]
     gap = _gap(session.lens(hidden, name), ref)
-    return [Finding("lens", False, f"{key}: the lens gives logits {gap:.3g} away from the model's")] if gap > 1e-3 else []
+    if gap <= 1e-3:
+        return []
+    return [Finding("lens", False, f"{key}: the lens gives logits {gap:.3g} away from the model's")]
 
 
 def check_padding(session: Session, items: Sequence[Stimulus]) -> list[Finding]:

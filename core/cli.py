@@ -152,7 +152,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     lines = [f"sample rate {plugin.sample_rate} Hz; input: {', '.join(cls.modalities)}; "
              f"logit lens stack: {cls.lens_stack or 'none'}"]
     if cls.option_defaults:
-        lines.append("options: " + ", ".join(f"{k}={v}" for k, v in plugin.options.items()))
+        show_table(f"options (--model {cls.name}:option=value,...)", ("option", "default", "what it does"),
+                   [[k, str(cls.option_defaults[k]), cls.option_help.get(k, "")] for k in cls.option_defaults])
     if cls.lens_caveat:
         lines.append(f"logit lens: {cls.lens_caveat}")
     if cls.hub_ids:
@@ -246,7 +247,8 @@ def _version() -> str:
 
 def build_parser(registry: Registry | None = None) -> argparse.ArgumentParser:
     """The whole CLI; ``probe data`` gets the subcommands of ``registry``'s plugins (none without one)."""
-    parser = argparse.ArgumentParser(prog="probe", description="Mechanistic interpretability for audio-language models.")
+    parser = argparse.ArgumentParser(prog="probe",
+                                     description="Mechanistic interpretability for audio-language models.")
     parser.add_argument("--version", action="version", version=f"lalm-probe {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -194,7 +194,8 @@ class Session:
         """
         ops: list[Op] = []
         for site, sel in reads:
-            ops.append(self._op(site, "read", self._reducer(site, sel, prepared, ids), read_steps(sel, self._once(site)),
+            reduce = self._reducer(site, sel, prepared, ids)
+            ops.append(self._op(site, "read", reduce, read_steps(sel, self._once(site)),
                                 key=f"{site}@{sel}"))
         for n, edit in enumerate(edits):
             ops.extend(self._edit_ops(edit, prepared, ids, n))

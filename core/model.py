@@ -89,6 +89,7 @@ class ModelPlugin:
     audio_token: ClassVar[str | None] = None  # the placeholder the processor expands per audio frame, if any
     # Run-time options (``--model whisper:language=en``) and their defaults; the default's type is the option's.
     option_defaults: ClassVar[dict[str, Any]] = {}
+    option_help: ClassVar[dict[str, str]] = {}  # what each option does, for `probe info`
     # Options that say where the weights come from (a release's per-part sources): passed to ``load_weights``.
     load_options: ClassVar[tuple[str, ...]] = ()
 

@@ -116,7 +116,8 @@ def load_fleurs(arg: str) -> Dataset:
     has_tsv = lambda d: any((d / f"{s}.tsv").is_file() for s in ("train", "dev", "test"))  # noqa: E731
     lang_dirs = [base] if has_tsv(base) else sorted(d for d in base.iterdir() if d.is_dir() and has_tsv(d))
     if not lang_dirs:
-        raise _layout_error("FLEURS", root, "<lang>/{train,dev,test}.tsv and <lang>/audio/<split>/*.wav (google/fleurs)")
+        raise _layout_error("FLEURS", root,
+                            "<lang>/{train,dev,test}.tsv and <lang>/audio/<split>/*.wav (google/fleurs)")
     wanted = _values(opts, "languages")
     if wanted:
         known = {d.name for d in lang_dirs}
@@ -301,7 +302,8 @@ def load_vctk(arg: str) -> Dataset:
     audio_root = root / "wav48_silence_trimmed"
     if not audio_root.is_dir():
         hint = " (wav48/ is the 0.80 release, which has one microphone)" if (root / "wav48").is_dir() else ""
-        raise _layout_error("VCTK 0.92", root, f"wav48_silence_trimmed/pXXX/pXXX_NNN_mic1.flac, txt/ and speaker-info.txt{hint}")
+        raise _layout_error("VCTK 0.92", root,
+                            f"wav48_silence_trimmed/pXXX/pXXX_NNN_mic1.flac, txt/ and speaker-info.txt{hint}")
     speakers = _vctk_speakers(root / "speaker-info.txt")
     mics = set(_values(opts, "mic", ["mic1", "mic2"]) or [])
     wanted = set(_values(opts, "speakers", []) or [])
@@ -329,7 +331,8 @@ def load_vctk(arg: str) -> Dataset:
 # --- SAKURA ----------------------------------------------------------------------------------------------
 
 SAKURA_TRACKS = ("Gender", "Language", "Emotion", "Animal")
-_SAKURA_COLUMNS = {"file", "attribute_label", "single_instruction", "single_answer", "multi_instruction", "multi_answer"}
+_SAKURA_COLUMNS = {"file", "attribute_label", "single_instruction", "single_answer", "multi_instruction",
+                   "multi_answer"}
 
 
 def _sakura_language(name: str) -> str:

@@ -4,8 +4,8 @@
 information score among the items the model gets wrong, after which the run evaluates the rest. The paper's
 baseline (``select=random``) draws a random layer *for each item*, from the same split, so method and baseline are
 scored on the same evaluation items; it is repeated over seeds 0-4 (the paper's five) unless ``seed`` is given,
-each seed a variant of the run (:mod:`lalm_probe.core.sweep`), so the lens reports its accuracy as mean ± std. The probing
-split is seeded and stratified by the label (corpora such as SAKURA list items grouped by class; ``split=first``
+each seed a variant of the run (:mod:`lalm_probe.core.sweep`), so the lens reports its accuracy as mean ± std. The
+probing split is seeded and stratified by the label (corpora such as SAKURA list items grouped by class; ``split=first``
 takes the first items as the paper's release order would). The source state is read in the same forward pass
 before the target layer runs, so it is the clean state of layer l; only the prompt pass is edited.
 """

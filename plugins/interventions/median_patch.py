@@ -82,8 +82,8 @@ class MedianPatch(Intervention):
                      for p in (path, *sorted((path / "analyses").glob("*")))]
             found = [p for p in found if p.is_file()]
             if not found:
-                have = sorted({p.stem for p in path.glob(f"**/expertise/{self.label}={self.value}/{self.modality}/*.csv")
-                               if "." not in p.stem})
+                tables = path.glob(f"**/expertise/{self.label}={self.value}/{self.modality}/*.csv")
+                have = sorted({p.stem for p in tables if "." not in p.stem})
                 raise UserError(f"median-patch: {path} has no expertise table for {self.label}={self.value}, "
                                 f"{self.modality}, {self.position}"
                                 + (f"; it has positions {', '.join(have)}." if have else

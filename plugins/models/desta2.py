@@ -52,6 +52,11 @@ class Desta2(ModelPlugin):
     tiny = build_tiny
     lens_stack = "lm"
     option_defaults = {"whisper_model": None, "llama_model": None, "system": DEFAULT_SYSTEM}
+    option_help = {
+        "whisper_model": "the Whisper weights (hub id or folder; default: the release's)",
+        "llama_model": "the Llama 3 weights (hub id or folder; default: the release's)",
+        "system": "the system prompt",
+    }
     load_options = ("whisper_model", "llama_model")
     stacks = (
         # The connector's Q-Former runs once per selected encoder layer in one forward pass, so its layers are not

@@ -32,8 +32,8 @@ token embeddings (``altup_projections``, rescaled to the embedding's magnitude);
 mixed with coefficients the router predicts from stream 0 (``predict``), then the update computed on stream 0 is
 spread to all four with learned weights (``correct``), and streams 1-3 also receive the per-layer input's
 contribution (``per_layer_input``). They never go through attention or the MLP themselves: they are extra memory
-the main stream writes to and reads from. ``lm.N.out`` reads and edits stream 0 (the ``altup`` tap layout). The model reads out the mean of stream 0 and the projected streams 1-3,
-so the logit lens on ``out`` (final norm, ``lm_head``, the 30.0 logit softcap) is the main stream's view, and at
+the main stream writes to and reads from. ``lm.N.out`` reads and edits stream 0 (the ``altup`` tap layout). The
+model reads out the mean of stream 0 and the projected streams 1-3, so the logit lens on ``out`` (final norm, ``lm_head``, the 30.0 logit softcap) is the main stream's view, and at
 the last layer it is close to, not equal to, the model's logits (``lens_caveat``).
 
 Padding: in a batch the feature extractor marks as valid up to 3 frames that a clip alone does not have (they start

@@ -165,6 +165,9 @@ class Phi4Multimodal(AudioLM):
     tiny = build_tiny
     audio_token = "<|audio|>"
     option_defaults = {"lora": "auto"}
+    option_help = {
+        "lora": "the speech LoRA: auto (on for audio items), on or off",
+    }
     stacks = (
         Stack("audio_encoder", layers=(f"{ENCODER}.encoder.encoders",), components=CONFORMER,
               extras={"features": Component(f"{ENCODER}.encoder.embed", width=lambda m: m.out.out_features),

@@ -67,6 +67,12 @@ class Salmonn(ModelPlugin):
     lens_stack = "lm"
     audio_token = PAD  # the filler at the speech windows (used nowhere else in a row)
     option_defaults = {"whisper": None, "beats": None, "llama": None, "allow_pickle": False}
+    option_help = {
+        "whisper": "Whisper large-v2 weights (hub id or folder)",
+        "beats": "the BEATs checkpoint file (not on the hub)",
+        "llama": "the Vicuna weights (hub id or folder)",
+        "allow_pickle": "true: load a release .pth that holds Python objects besides tensors (runs pickle)",
+    }
     load_options = ("whisper", "beats", "llama", "allow_pickle")
     stacks = (
         # The Q-Former reads one window per batch row; its output and projection are read per clip, one position

@@ -124,6 +124,10 @@ class SeamlessM4Tv2(ModelPlugin):
     lens_stack = "text_decoder"
     padding_side = "right"
     option_defaults = {"tgt_lang": "eng", "src_lang": "label:language"}
+    option_help = {
+        "tgt_lang": "the language the decoder writes: ISO 639-1 or 639-3, or label:<key>",
+        "src_lang": "the text encoder's input language: a code or label:<key>",
+    }
     hub_ids = ("facebook/seamless-m4t-v2-large",)
     model_class = "SeamlessM4Tv2Model"
     processor_class = "SeamlessM4TProcessor"

@@ -56,6 +56,11 @@ class Sonar(ModelPlugin):
     lens_stack = None
     padding_side = "right"
     option_defaults = {"speech_encoder": None, "trust_pickle": False, "src_lang": "label:language"}
+    option_help = {
+        "speech_encoder": "the w2v-BERT speech encoder folder (one language per run)",
+        "trust_pickle": "true: load fairseq2 files that need pickle",
+        "src_lang": "the text encoder's input language",
+    }
     load_options = ("speech_encoder", "trust_pickle")
     stacks = (
         Stack("text_encoder", layers=("text_encoder.encoder.layers",), components=TEXT_LAYER,

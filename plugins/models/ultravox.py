@@ -51,6 +51,12 @@ class Ultravox(ModelPlugin):
     lens_stack = "lm"
     # chat_template=false: no template, the input's own last token is last (seed 000), as AudioLM models take it
     option_defaults = {"audio_model": None, "text_model": None, "trust_remote_code": False, "chat_template": True}
+    option_help = {
+        "audio_model": "the Whisper encoder's weights (default: the checkpoint's audio_model_id)",
+        "text_model": "the Llama weights (default: the checkpoint's text_model_id)",
+        "trust_remote_code": "refused: the model is rebuilt here",
+        "chat_template": "false: the input without the chat template",
+    }
     load_options = ("audio_model", "text_model", "trust_remote_code")
     stacks = (
         # The projector stacks 8 encoder frames per LM token: it is read on those tokens, one per audio position.

@@ -95,6 +95,10 @@ class Whisper(ModelPlugin):
     lens_stack = "decoder"
     modalities = ("speech",)
     option_defaults = {"language": None, "task": "transcribe"}
+    option_help = {
+        "language": "unset: detect it (Whisper's rule); a code such as de; label:<key> for each item's label",
+        "task": "transcribe or translate",
+    }
     stacks = (
         Stack("encoder", layers=("model.encoder.layers",), components=bart_layer(),
               final_norm=("model.encoder.layer_norm",), hidden_states="encoder_hidden_states"),
@@ -188,7 +192,8 @@ class Whisper(ModelPlugin):
                         meta={"prefixed": any(prefixes)})
 
     def decides_before_generating(self, prepared: Prepared) -> bool:
-        return bool(self.languages) and any(lang is None for lang in (prepared.generate_inputs or {}).get("language", ()))
+        languages = (prepared.generate_inputs or {}).get("language", ())
+        return bool(self.languages) and any(lang is None for lang in languages)
 
     def generation_inputs(self, prepared: Prepared, first_logits: torch.Tensor | None = None) -> Prepared:
         """Full decoder prompt per row; a language to detect is detected here, before generating: from

@@ -37,6 +37,16 @@ def test_a_closed_pipe_ends_the_listing_quietly():
 def test_info_shows_stacks_and_sites(capsys):
     code, out = run_cli(capsys, "info", "--model", "qwen2audio", "--checkpoint", "tiny")
     assert code == 0 and "audio_encoder" in out and "lm" in out and "attn_norm" in out
+    assert "options (--model qwen2audio:option=value,...)" in out and "false: the input without the chat" in out
+
+
+def test_every_model_option_says_what_it_does():
+    from lalm_probe.core.registry import discover
+
+    registry = discover()
+    for name in registry.names("model"):
+        cls = registry.entries["model"][name].obj
+        assert set(cls.option_help) == set(cls.option_defaults), name
 
 
 def test_run_logitlens_writes_a_complete_run_directory(capsys, tmp_path, gender_manifest):

@@ -121,7 +121,8 @@ CASES = {
     "patch source that does not exist": ([*RUN, "--analysis", "logitlens", "--intervention", "patch:source=nobody"],
                                          2, "source item 'nobody' is not in the data", "OUT"),
 }
-CSV = "site,stack,layer,component,unit,ap,on_p50,on_p90,off_mean,off_p50\ntext_decoder.0.fc1,text_decoder,0,fc1,0,1,1,1,0,0\n"
+CSV = ("site,stack,layer,component,unit,ap,on_p50,on_p90,off_mean,off_p50\n"
+       "text_decoder.0.fc1,text_decoder,0,fc1,0,1,1,1,0,0\n")
 AUDIO = {"audio missing": None, "audio not audio": b"this is not audio", "audio zero bytes": b"",
          "audio no samples": wav(np.zeros(0, np.float32)),
          "audio not finite": wav(np.array([0.1, np.nan, 0.2], np.float32), "FLOAT"),

@@ -27,8 +27,8 @@ contributes its ``position`` state (``auto``: the last position on an LM / decod
 positions on an encoder). ``entropy`` is that of the group's distribution p^l(z) (``item_entropy``: the mean of
 each input's). ``prefix=<label>`` gives the model the label's text as the start of its answer: Whisper's decoder
 then reads the transcript after its control tokens, so ``prefix=transcript,lens_position=all:text`` reads the
-decoder on the text of each clip, as the paper reads an LM on text. ``table_mass`` = Σ_w p_lens(w|h) over the tokens the table has seen: where it is small, p(z|h) is mostly
-the uniform prior of unseen tokens, not evidence (Whisper's decoder at ``<|startoftranscript|>`` puts its mass on
+decoder on the text of each clip, as the paper reads an LM on text. ``table_mass`` = Σ_w p_lens(w|h) over the
+tokens the table has seen: where it is small, p(z|h) is mostly the uniform prior of unseen tokens, not evidence (Whisper's decoder at ``<|startoftranscript|>`` puts its mass on
 language tokens, outside the base vocabulary).
 
 Part (b) needs an unembedding: ``language_lens`` unset runs it where the stack has one (an LM / text decoder) and

@@ -13,8 +13,9 @@ Measured here (k = 4000 units, 9% of the decoder; 20 items of other languages pe
 accuracy 0.71 over the 24 held-out items, 0-1/20 items of other languages already read as each target): other
 languages' items detected as the target with its units forced vs the random control: de 11/20 vs 2/20, es 5/20 vs
 0/20, ja 5/20 vs 1/20 (en 4/20 vs 3/20, fr 0/20 vs 0/20, zh 3/20 vs 0/20: not every language has units this
-strong in a model this small, so the test pools de, es and ja). Whisper base is small: k = 1000 (the paper's k, on a far larger SeamlessM4T v2) moved
-0.20 (de) and 0.10 (ja) of items vs 0.05 for the control, k = 8000 also moves the control (0.35, 0.25).
+strong in a model this small, so the test pools de, es and ja). Whisper base is small: k = 1000 (the paper's k, on
+a far larger SeamlessM4T v2) moved 0.20 (de) and 0.10 (ja) of items vs 0.05 for the control (read among the six
+languages), and k = 8000 also moves the control (0.35, 0.25).
 """
 
 from __future__ import annotations
