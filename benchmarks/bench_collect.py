@@ -1,7 +1,9 @@
 """Collecting every LM layer at the last position, as a ratio against a plain PyTorch forward-hook loop.
 
 Both sides use the same model, the same prepared batches and the same batch size, in the same process, and
-alternate so machine noise hits both. Run: ``python benchmarks/bench_collect.py [--items 300] [--batch-size 8]``.
+alternate so machine noise hits both. Run: ``python benchmarks/bench_collect.py [--items 300] [--batch-size 8] [--width 1024]`` (``--width``: the same
+tiny model with a wider random LM, where a forward pass is long enough for the fixed per-batch work to show its
+real share).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from lalm_probe.core.engine import Session
 from lalm_probe.core.plugin import Reads
 from lalm_probe.core.store import ActivationStore
 from lalm_probe.plugins.models.qwen2audio import Qwen2Audio
+from transformers import Qwen2AudioForConditionalGeneration
 
 
 def plain_hook_loop(session: Session, batches: list) -> float:
@@ -46,13 +49,29 @@ def probe_collect(session: Session, dataset: Dataset, batch_size: int) -> float:
         return time.perf_counter() - start
 
 
+def wider(folder: str, width: int) -> str:
+    """The tiny Qwen2-Audio's processor with a randomly initialised LM ``width`` wide (same 8 layers), saved to
+    ``folder``: a model whose forward pass costs what real ones do relative to the fixed per-batch work."""
+    tiny = Qwen2Audio.load("tiny")
+    cfg = tiny.model.config
+    cfg.text_config.hidden_size, cfg.text_config.intermediate_size = width, 4 * width
+    cfg.text_config.num_attention_heads, cfg.text_config.num_key_value_heads = width // 64, width // 128
+    cfg.text_config.head_dim = 64
+    torch.manual_seed(0)
+    Qwen2AudioForConditionalGeneration(cfg).eval().save_pretrained(folder)
+    tiny.processor.save_pretrained(folder)
+    return folder
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--items", type=int, default=300)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--width", type=int, default=None, help="LM width of a wider random model (default: the tiny)")
     args = ap.parse_args()
-    session = Session(Qwen2Audio.load("tiny"))
+    folder = tempfile.TemporaryDirectory()
+    session = Session(Qwen2Audio.load(wider(folder.name, args.width) if args.width else "tiny"))
     rng = np.random.default_rng(0)
     dataset = Dataset([Stimulus(f"b{i}", audio=(0.1 * rng.standard_normal(int(16000 * rng.uniform(0.3, 1.5))))
                                 .astype(np.float32), sample_rate=16000, prompt="What is this?")
@@ -71,7 +90,8 @@ def main() -> None:
         probe.append(timed_probe())
         plain.append(plain_hook_loop(session, batches))
     p, b = float(np.median(probe)), float(np.median(plain))
-    print(f"items={args.items} batch={args.batch_size} layers={session.plugin.resolved['lm'].num_layers}")
+    lm = session.plugin.resolved["lm"]
+    print(f"items={args.items} batch={args.batch_size} layers={lm.num_layers} width={session.width('lm.0.out')}")
     print(f"plain hooks: {b:.3f} s   lalm-probe collect (store on disk): {p:.3f} s   ratio: {p / b:.3f}")
 
 
