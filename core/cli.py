@@ -71,7 +71,8 @@ def cmd_list(args: argparse.Namespace) -> int:
             e = reg.entries[kind][name]
             about = getattr(e.obj, "description", "") or (e.obj.__doc__ or "").strip().split("\n")[0]
             if kind == "model":  # where its layers are and where its weights come from, without loading it
-                models.append([name, e.package, ", ".join(s.name for s in e.obj.stacks),
+                stacks = [s.name for s in e.obj.stacks] + [f"{s} (at load)" for s in e.obj.stacks_at_load]
+                models.append([name, e.package, ", ".join(stacks),
                                str(e.obj.default_checkpoint), about])
             else:
                 rows.append([kind, name, e.package, about])

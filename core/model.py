@@ -80,6 +80,7 @@ class ModelPlugin:
     processor_class: ClassVar[str | type] = "AutoProcessor"
     tiny: ClassVar[Callable[[Path], None] | None] = None  # writes a seeded tiny instance + processor to a folder
     stacks: ClassVar[tuple[Stack, ...]] = ()
+    stacks_at_load: ClassVar[tuple[str, ...]] = ()  # stacks added when loading finds them (a checkpoint's LoRA)
     lens_stack: ClassVar[str | None] = None  # the stack whose outputs the logit lens projects
     # Why the lens of a layer's ``out`` is not exactly the model's own readout, where it is not (Gemma 3n reads out
     # four AltUp streams, ``out`` is one); ``probe check`` then tests the lens on what the final norm receives.

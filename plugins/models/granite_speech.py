@@ -92,6 +92,7 @@ class GraniteSpeech(AudioLM):
     processor_class = "GraniteSpeechProcessor"
     tiny = build_tiny
     audio_token = "<|audio|>"
+    stacks_at_load = ("lora",)  # when the checkpoint has LM adapters
     stacks = (
         Stack("audio_encoder", layers=("model.encoder.layers",), components=_encoder_layer(),
               extras={"ctc": "model.encoder.out"}),

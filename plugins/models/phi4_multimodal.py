@@ -168,6 +168,7 @@ class Phi4Multimodal(AudioLM):
     option_help = {
         "lora": "the speech LoRA: auto (on for audio items), on or off",
     }
+    stacks_at_load = ("speech_lora",)  # when the checkpoint has the speech LoRA
     stacks = (
         Stack("audio_encoder", layers=(f"{ENCODER}.encoder.encoders",), components=CONFORMER,
               extras={"features": Component(f"{ENCODER}.encoder.embed", width=lambda m: m.out.out_features),

@@ -24,6 +24,12 @@ def test_list_shows_every_kind(capsys):
     assert models["seamless-m4t-v2"]["stacks"] == "speech_encoder, speech_adaptor, text_encoder, text_decoder, cross_kv"
     assert models["whisper"]["default weights"] == "offline:base"  # every model says where its weights come from
     assert all(m["stacks"] and m["default weights"] for m in models.values())
+    from lalm_probe.core.registry import discover
+
+    registry = discover()
+    for name in ("granite-speech", "phi4-multimodal", "whisper"):  # what a loaded model has, listed without loading
+        loaded = registry.get("model", name).load("tiny")
+        assert models[name]["stacks"].replace(" (at load)", "").split(", ") == list(loaded.resolved)
 
 
 def test_a_closed_pipe_ends_the_listing_quietly():
