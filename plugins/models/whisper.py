@@ -33,6 +33,7 @@ from lalm_probe.core.positions import Positions
 from lalm_probe.core.registry import hookimpl
 from lalm_probe.core.stacks import Stack
 from lalm_probe.core.templates import bart_layer, cross_kv_layer
+from lalm_probe.plugins.models.arch.tiny import tiny_whisper
 from lalm_probe.plugins.models.ct2 import OFFLINE_PACKAGES, find_offline_whisper, is_ct2_whisper_dir, load_ct2_whisper
 
 SIZES = ("tiny", "base", "small", "medium", "large-v2", "large-v3", "large-v3-turbo")
@@ -40,48 +41,10 @@ SIZES = ("tiny", "base", "small", "medium", "large-v2", "large-v3", "large-v3-tu
 
 def build_tiny(out_dir: Path) -> None:
     """A 2+2-layer, 64-wide Whisper with the real multilingual special-token layout and a 5 s window."""
-    from tokenizers import pre_tokenizers
-    from transformers import (
-        AddedToken,
-        GenerationConfig,
-        WhisperConfig,
-        WhisperFeatureExtractor,
-        WhisperForConditionalGeneration,
-        WhisperProcessor,
-        WhisperTokenizer,
-    )
-    from transformers.models.whisper.tokenization_whisper import LANGUAGES
-
-    specials = (["<|endoftext|>", "<|startoftranscript|>"] + [f"<|{lang}|>" for lang in LANGUAGES]
-                + ["<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nospeech|>",
-                   "<|notimestamps|>"])
-    vocab: dict[str, int] = {}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab.setdefault(ch, len(vocab))
-    vocab.update({s: len(vocab) + i for i, s in enumerate(specials)})
-    tok = WhisperTokenizer(vocab=vocab, merges=[], unk_token="<|endoftext|>", bos_token="<|endoftext|>",
-                           eos_token="<|endoftext|>", pad_token="<|endoftext|>", additional_special_tokens=specials[2:])
-    tok.add_tokens([AddedToken(f"<|{i * 0.02:.2f}|>", special=False, normalized=False) for i in range(101)])
-    fe = WhisperFeatureExtractor(feature_size=80, chunk_length=5, sampling_rate=16000)  # 500 frames
-    ids = tok.convert_tokens_to_ids
-    eot, sot = ids("<|endoftext|>"), ids("<|startoftranscript|>")
-    cfg = WhisperConfig(vocab_size=len(tok), num_mel_bins=80, d_model=64, encoder_layers=2, decoder_layers=2,
-                        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
-                        decoder_ffn_dim=128, max_source_positions=250, max_target_positions=448,
-                        pad_token_id=eot, bos_token_id=eot, eos_token_id=eot, decoder_start_token_id=sot)
-    torch.manual_seed(0)
-    model = WhisperForConditionalGeneration(cfg).eval()
-    gen = GenerationConfig(
-        decoder_start_token_id=sot, eos_token_id=eot, pad_token_id=eot, bos_token_id=eot, max_length=448,
-        is_multilingual=True, lang_to_id={f"<|{lang}|>": ids(f"<|{lang}|>") for lang in LANGUAGES},
-        task_to_id={"transcribe": ids("<|transcribe|>"), "translate": ids("<|translate|>")},
-        no_timestamps_token_id=ids("<|notimestamps|>"), prev_sot_token_id=ids("<|startofprev|>"),
-        begin_suppress_tokens=[eot], suppress_tokens=[], max_initial_timestamp_index=50, alignment_heads=[[1, 0]])
-    gen.task = "transcribe"
-    gen._from_model_config = False
-    model.generation_config = gen
+    model, processor = tiny_whisper(80, seed=0, window_s=5, max_target=448, max_length=448)
+    model.generation_config.task = "transcribe"
     model.save_pretrained(out_dir)
-    WhisperProcessor(feature_extractor=fe, tokenizer=tok).save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
 
 
 class Whisper(ModelPlugin):

@@ -43,9 +43,11 @@ def byte_tokenizer(specials: Sequence[str], *, eos: str, bos: str | None = None,
     return tok
 
 
-def tiny_whisper(num_mel_bins: int, *, seed: int, d_model: int = 64, layers: int = 2, window_s: int = 2):
+def tiny_whisper(num_mel_bins: int, *, seed: int, d_model: int = 64, layers: int = 2, window_s: int = 2,
+                 max_target: int = 64, max_length: int = 24):
     """A seeded ``WhisperForConditionalGeneration`` with the real special-token layout and a ``window_s`` window,
-    plus its ``WhisperProcessor`` (feature extractor padding to the same window)."""
+    plus its ``WhisperProcessor`` (feature extractor padding to the same window); ``max_target`` decoder positions,
+    generation capped at ``max_length`` tokens."""
     from tokenizers import pre_tokenizers
     from transformers import (
         AddedToken,
@@ -74,12 +76,12 @@ def tiny_whisper(num_mel_bins: int, *, seed: int, d_model: int = 64, layers: int
     cfg = WhisperConfig(vocab_size=len(tok), num_mel_bins=num_mel_bins, d_model=d_model, encoder_layers=layers,
                         decoder_layers=layers, encoder_attention_heads=4, decoder_attention_heads=4,
                         encoder_ffn_dim=2 * d_model, decoder_ffn_dim=2 * d_model,
-                        max_source_positions=50 * window_s, max_target_positions=64, pad_token_id=eot,
+                        max_source_positions=50 * window_s, max_target_positions=max_target, pad_token_id=eot,
                         bos_token_id=eot, eos_token_id=eot, decoder_start_token_id=sot)
     torch.manual_seed(seed)
     model = WhisperForConditionalGeneration(cfg).eval()
     gen = GenerationConfig(
-        decoder_start_token_id=sot, eos_token_id=eot, pad_token_id=eot, bos_token_id=eot, max_length=24,
+        decoder_start_token_id=sot, eos_token_id=eot, pad_token_id=eot, bos_token_id=eot, max_length=max_length,
         is_multilingual=True, lang_to_id={f"<|{lang}|>": ids(f"<|{lang}|>") for lang in LANGUAGES},
         task_to_id={"transcribe": ids("<|transcribe|>"), "translate": ids("<|translate|>")},
         no_timestamps_token_id=ids("<|notimestamps|>"), prev_sot_token_id=ids("<|startofprev|>"),
