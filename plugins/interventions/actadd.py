@@ -57,8 +57,8 @@ def pad_with_spaces(texts: tuple[str, str], count) -> tuple[str, str]:
     return (padded, texts[1]) if short == 0 else (texts[0], padded)
 
 
-def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+def _item_id(text: str) -> str:
+    return f"actadd:{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
 def front_aligned_difference(adds: list[np.ndarray], subs: list[np.ndarray]) -> np.ndarray:
@@ -100,18 +100,18 @@ class ActAdd(Intervention):
     def site(self, model: ModelView) -> str:
         return model.layer_site("actadd", self.stack, self.layer, self.component)
 
-    def prompts(self, model: ModelView) -> Dataset:
-        """The steering prompts as text items, padded as the reference pads them."""
+    def texts(self, model: ModelView) -> list[str]:
+        """The steering prompts in the order add, sub, add, sub, ..., padded as the reference pads them."""
         def count(text: str) -> int:
             return len(model.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-        items: dict[str, Stimulus] = {}
-        self._order = []  # item ids of add, sub, add, sub, ...
-        for pair in zip(self.add, self.sub):
-            texts = pad_with_spaces(pair, count) if self.pad == "spaces" else pair
-            for text in texts:  # ids name the text: calibrations share one store, so another prompt is another row
-                self._order.append(f"actadd:{_digest(text)}")
-                items.setdefault(self._order[-1], Stimulus(self._order[-1], text=text))
+        return [t for pair in zip(self.add, self.sub)
+                for t in (pad_with_spaces(pair, count) if self.pad == "spaces" else pair)]
+
+    def prompts(self, model: ModelView) -> Dataset:
+        """The steering prompts as text items; ids name the text (calibrations share one store, so another prompt
+        is another row), and a prompt given twice is one item."""
+        items = {_item_id(t): Stimulus(_item_id(t), text=t) for t in self.texts(model)}
         return Dataset(list(items.values()), name="actadd-prompts")
 
     def calibration(self, model: ModelView, dataset: Dataset, analysis: Analysis) -> Calibration | None:
@@ -126,7 +126,7 @@ class ActAdd(Intervention):
 
     def calibrate(self, model: ModelView, calibration: Calibration, store: ActivationStore,
                   analysis: Analysis) -> None:
-        states = store.ragged(f"{self.site(model)}@all:text", self._order)
+        states = store.ragged(f"{self.site(model)}@all:text", [_item_id(t) for t in self.texts(model)])
         adds, subs = states[0::2], states[1::2]
         if self.pad == "spaces":
             for i, (a, s) in enumerate(zip(adds, subs)):
