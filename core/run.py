@@ -120,16 +120,22 @@ def _prompts_key(analysis: Analysis, model: Any, dataset: Dataset, prompt_fn: An
 def expanded_items(variants: list[Variant], dataset: Dataset) -> Dataset:
     """The items evaluated under the interventions (a patch sweep's copies, one per condition; see
     Intervention.expand); every variant of a sweep must evaluate the same ones."""
-    out = None
+    expanded = []
     for v in variants:
         items = dataset
         for iv in v.interventions:
             items = iv.expand(items)
-        if out is not None and [it.id for it in items] != [it.id for it in out]:
+        expanded.append(items)
+    return _one_evaluation(variants, expanded, dataset)
+
+
+def _one_evaluation(variants: list[Variant], evaluated: list[Dataset], default: Dataset) -> Dataset:
+    """The items every variant evaluates (the method and its baselines are compared on one evaluation set)."""
+    for v, items in zip(variants[1:], evaluated[1:]):
+        if [it.id for it in items] != [it.id for it in evaluated[0]]:
             raise UserError(f"The variants of this sweep evaluate different items ('{variants[0].name}' and "
                             f"'{v.name}'); sweep only parameters that keep the evaluated items the same.")
-        out = items
-    return out if out is not None else dataset
+    return evaluated[0] if evaluated else default
 
 
 class Pipeline:
@@ -257,17 +263,8 @@ def _slug(text: str) -> str:
 
 
 def _calibrate_variants(pipe: Pipeline, variants: list[Variant], analysis: Analysis, dataset: Dataset) -> Dataset:
-    """Calibrate every variant; all must evaluate the same items (the method and its baselines are compared on
-    one evaluation set)."""
-    evaluated = None
-    for v in variants:
-        out = pipe.calibrate(v.interventions, analysis, dataset)
-        if evaluated is None:
-            evaluated = out
-        elif [it.id for it in out] != [it.id for it in evaluated]:
-            raise UserError(f"The variants of this sweep evaluate different items ('{variants[0].name}' and "
-                            f"'{v.name}'); sweep only parameters that keep the evaluation items the same.")
-    return evaluated if evaluated is not None else dataset
+    """Calibrate every variant; all must evaluate the same items."""
+    return _one_evaluation(variants, [pipe.calibrate(v.interventions, analysis, dataset) for v in variants], dataset)
 
 
 def _record_variants(record: dict[str, Any], variants: list[Variant]) -> None:
