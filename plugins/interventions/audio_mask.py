@@ -28,9 +28,7 @@ class AudioMask(Intervention):
     component: str = "attn"
 
     def edits(self, model: ModelView) -> list[Edit]:
-        stack = self.stack or model.lens_stack
-        if stack not in model.resolved:
-            raise UserError(f"audio-mask: the model has no stack '{stack}'.")
+        stack = model.stack_named("audio-mask", self.stack)
         st = model.resolved[stack]
         if self.component not in st.paths:
             raise UserError(f"audio-mask: stack '{stack}' has no '{self.component}' component.")

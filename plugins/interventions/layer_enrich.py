@@ -55,9 +55,7 @@ class LayerEnrich(Intervention):
             raise UserError("layer-enrich: split must be 'stratified' or 'first'.")
 
     def _stack(self, model: ModelView) -> tuple[str, int]:
-        stack = self.stack or model.lens_stack
-        if stack not in model.resolved:
-            raise UserError(f"layer-enrich: the model has no stack '{stack}'.")
+        stack = model.stack_named("layer-enrich", self.stack)
         n = model.resolved[stack].num_layers
         if self.gap < 1 or self.gap >= n:
             raise UserError(f"layer-enrich: gap {self.gap} must be between 1 and {n - 1} for a {n}-layer stack.")
